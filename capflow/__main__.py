@@ -1,0 +1,5 @@
+"""``python -m capflow`` runs the ``capflow`` command."""
+
+from capflow.cli import main
+
+main()

@@ -1,0 +1,91 @@
+"""The Hydra job: build storage, serving and pipeline from the composed config, and run."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from capflow.engine import EngineSettings
+from capflow.errors import ConfigError
+from capflow.operators.base import Operator
+from capflow.retry import RetryPolicy
+from capflow.run import RunSummary
+from capflow.serving.base import Serving
+from capflow.storage.base import Storage
+
+log = logging.getLogger("capflow")
+
+
+def build(node: DictConfig, base: type, where: str, **kwargs: Any) -> Any:
+    """Instantiate ``node`` and check it is a ``base``; errors name the config node."""
+    if "_target_" not in node:
+        raise ConfigError(f"{where} has no _target_ naming its class")
+    try:
+        obj = instantiate(node, **kwargs, _convert_="all")
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        reason = str(cause) if cause else str(exc).splitlines()[0]
+        raise ConfigError(f"{where} ({node._target_}) could not be built: {reason}") from None
+    if not isinstance(obj, base):
+        raise ConfigError(f"{where}: {node._target_} is not a capflow {base.__name__}")
+    return obj
+
+
+def _in_job_dir(path: str | None) -> str | None:
+    """In a sweep, relative paths go into each job's own folder so jobs never share files."""
+    if path is None or Path(path).is_absolute():
+        return path
+    hydra = HydraConfig.get()
+    if hydra.mode != RunMode.MULTIRUN:
+        return path
+    return str(Path(hydra.runtime.output_dir) / path)
+
+
+def run_job(cfg: DictConfig) -> list[RunSummary]:
+    """Run every pipeline step of ``cfg``; returns one summary per step that ran."""
+    steps_cfg = cfg.pipeline.get("steps")
+    if not steps_cfg:
+        raise ConfigError("pipeline.steps is empty: nothing to run")
+    storage_cfg = cfg.storage.copy()
+    if "cache_path" in storage_cfg:
+        storage_cfg.cache_path = _in_job_dir(storage_cfg.cache_path)
+    storage = build(storage_cfg, Storage, "storage")
+    serving = build(cfg.serving, Serving, "serving")
+    operators = [
+        build(node, Operator, f"pipeline.steps.{name}", serving=serving)
+        for name, node in steps_cfg.items()
+    ]
+    output = _in_job_dir(cfg.get("output"))
+    dry_run = bool(cfg.dry_run)
+    why_dry = serving.unavailable()
+    if why_dry and not dry_run:
+        log.info("%s: running a dry run (nothing will be sent)", why_dry)
+        dry_run = True
+    settings = EngineSettings(
+        retry=RetryPolicy(**OmegaConf.to_container(cfg.retry)), progress=bool(cfg.progress)
+    )
+    summaries = []
+    for n, op in enumerate(operators):
+        last = n == len(operators) - 1
+        summaries.append(op.run(storage.step(output=output if last else None), dry_run=dry_run,
+                                settings=settings))
+        if dry_run:
+            break  # later steps read rows that a dry run does not write
+    if why_dry:
+        print(
+            f"\nNothing was sent: {why_dry}. To caption for real, point capflow at a server:\n"
+            "  capflow api_url=http://127.0.0.1:8000/v1   "
+            "(any OpenAI-compatible API; add model_name=... if it serves several models)"
+        )
+    elif dry_run:
+        print("\nDry run: nothing was sent. Drop dry_run=true to caption for real.")
+    return summaries

@@ -1,0 +1,76 @@
+"""The ``capflow`` command: a Hydra application, plus ``capflow plugins``."""
+
+from __future__ import annotations
+
+import sys
+
+from capflow.errors import CapflowError
+
+EXIT_OK, EXIT_ROWS_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def main() -> None:
+    """Entry point of the ``capflow`` console script."""
+    argv = sys.argv[1:]
+    if argv[:1] == ["plugins"]:
+        sys.exit(_plugins_command())
+    try:
+        from capflow.plugins import get_plugins
+
+        _, registry = get_plugins()
+    except CapflowError as exc:
+        print(f"capflow: error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+
+    import hydra
+
+    from capflow import _hydra_bridge
+
+    _hydra_bridge.install(registry)
+    statuses: list[int] = []
+
+    @hydra.main(config_path="pkg://capflow.conf", config_name="config", version_base=None)
+    def job(cfg) -> None:  # noqa: ANN001 - a DictConfig
+        statuses.append(_run(cfg))
+
+    job()
+    sys.exit(max(statuses, default=EXIT_OK))
+
+
+def _run(cfg) -> int:  # noqa: ANN001 - a DictConfig
+    from capflow.app import run_job
+
+    try:
+        summaries = run_job(cfg)
+    except CapflowError as exc:
+        print(f"capflow: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    if any(s.stopped == "interrupted" for s in summaries):
+        return EXIT_INTERRUPTED
+    return EXIT_OK if all(s.ok for s in summaries) else EXIT_ROWS_FAILED
+
+
+def _plugins_command() -> int:
+    from capflow.plugins import get_plugins
+
+    try:
+        pm, registry = get_plugins()
+    except CapflowError as exc:
+        print(f"capflow: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:
+            continue
+        dist = next((d for p, d in pm.list_plugin_distinfo() if p is plugin), None)
+        origin = f"{dist.project_name} {dist.version}" if dist else "built-in"
+        provided = registry.provided_by(name)
+        print(f"{name} ({origin})")
+        for item in provided:
+            print(f"    {item}")
+    builtin_options = registry.provided_by("capflow")
+    print("capflow config (built-in)")
+    for item in builtin_options:
+        print(f"    {item}")
+    return EXIT_OK

@@ -1,0 +1,1 @@
+"""Data that ships with capflow: the bundled sample dataset."""

@@ -1,0 +1,6 @@
+"""Operators: each turns a row into a request and the response back into the row."""
+
+from capflow.operators.base import Operator
+from capflow.operators.prompted_vqa import PromptedVQAGenerator
+
+__all__ = ["Operator", "PromptedVQAGenerator"]

@@ -1,0 +1,104 @@
+"""PromptedVQAGenerator: ask a vision-language model about each row's images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from capflow.conversation import build_messages
+from capflow.errors import RowError
+from capflow.images import ImagePreparer
+from capflow.operators.base import Operator
+from capflow.request import Request, Response
+from capflow.rows import Row
+
+if TYPE_CHECKING:
+    from capflow.serving.base import Serving
+
+
+class PromptedVQAGenerator(Operator):
+    """Captions (or answers questions about) the images of each row.
+
+    :param serving: the serving that answers the requests.
+    :param system_prompt: sent as the system message of every request.
+    :param user_prompt: the question when a row has neither a conversation nor a prompt column.
+    :param input_conversation_key: the row key holding the conversation turns.
+    :param input_prompt_key: a row key holding a plain-text question (used without a
+        conversation).
+    :param input_image_key: the row key holding one image reference or a list of them.
+    :param output_answer_key: the row key the answer is written to.
+    :param image_detail: ``low``, ``high`` or ``auto``, passed to the API with each image.
+    :param image_io: how images are checked and encoded (default: ``ImagePreparer()``).
+    """
+
+    def __init__(
+        self,
+        serving: Serving,
+        system_prompt: str | None = None,
+        user_prompt: str | None = None,
+        input_conversation_key: str | None = "conversation",
+        input_prompt_key: str | None = None,
+        input_image_key: str = "image",
+        output_answer_key: str = "answer",
+        image_detail: str | None = None,
+        image_io: ImagePreparer | None = None,
+    ) -> None:
+        self.serving = serving
+        self.system_prompt = system_prompt
+        self.user_prompt = user_prompt
+        self.input_conversation_key = input_conversation_key
+        self.input_prompt_key = input_prompt_key
+        self.input_image_key = input_image_key
+        self.output_answer_key = output_answer_key
+        self.image_detail = image_detail
+        self.image_io = image_io or ImagePreparer()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "operator": type(self).__name__,
+            "system_prompt": self.system_prompt,
+            "user_prompt": self.user_prompt,
+            "keys": [
+                self.input_conversation_key,
+                self.input_prompt_key,
+                self.input_image_key,
+                self.output_answer_key,
+            ],
+            "image_detail": self.image_detail,
+        }
+
+    def _turns(self, data: dict[str, Any]) -> list[dict[str, Any]]:
+        conversation = data.get(self.input_conversation_key) if self.input_conversation_key else None
+        if conversation:
+            if not isinstance(conversation, list):
+                raise RowError(
+                    "BadConversation",
+                    f"{self.input_conversation_key!r} must be a list of turns",
+                )
+            return conversation
+        question = data.get(self.input_prompt_key) if self.input_prompt_key else None
+        question = question or self.user_prompt
+        if not question:
+            raise RowError(
+                "NoPrompt",
+                f"row has no {self.input_conversation_key!r} and no prompt is configured",
+            )
+        return [{"from": "human", "value": str(question)}]
+
+    def prepare(self, row: Row, base_dir: Path) -> Request:
+        refs = row.data.get(self.input_image_key)
+        if refs is None:
+            raise RowError("NoImage", f"row has no {self.input_image_key!r} key")
+        if not isinstance(refs, list):
+            refs = [refs]
+        if not refs:
+            raise RowError("NoImage", f"row's {self.input_image_key!r} list is empty")
+        turns = self._turns(row.data)
+        images = [self.image_io.prepare(ref, base_dir) for ref in refs]
+        messages = build_messages(
+            turns, [img.url for img in images], self.system_prompt, self.image_detail
+        )
+        return Request(messages, sum(img.size for img in images), len(images))
+
+    def apply(self, row: Row, response: Response) -> dict[str, Any]:
+        return {self.output_answer_key: response.text}

@@ -1,0 +1,39 @@
+"""A request to a serving and its response: plain data, so that retries, caching, rate limits
+and concurrency can each live in one place and a plugin serving stays small."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class Request:
+    """One chat-completions request, as an operator prepared it for one row.
+
+    :param messages: OpenAI-style chat messages; images are ``image_url`` content parts.
+    :param image_bytes: bytes of image data the request carries (for reports and dry runs).
+    :param image_count: how many images the request carries.
+    """
+
+    messages: list[dict[str, Any]]
+    image_bytes: int = 0
+    image_count: int = 0
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts the server reported."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(slots=True)
+class Response:
+    """What a serving returns for one request."""
+
+    text: str
+    usage: Usage = field(default_factory=Usage)
+    finish_reason: str | None = None
+    model: str | None = None

@@ -1,0 +1,55 @@
+"""What observers of a run see: the run's description, each finished row, the summary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class RunInfo:
+    """A run about to start over one storage step."""
+
+    input: str
+    output: str
+    operator: str
+    serving: str
+    rows: int | None
+    dry_run: bool
+
+
+@dataclass(slots=True)
+class RowResult:
+    """One finished row: ``error`` is the error record when it failed, else None."""
+
+    index: int
+    line: str
+    error: dict[str, str] | None = None
+    skipped: bool = False
+
+
+@dataclass
+class RunSummary:
+    """Counts for a finished (or stopped) run."""
+
+    rows: int = 0
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    requests: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    image_bytes: int = 0
+    images: int = 0
+    elapsed: float = 0.0
+    dry_run: bool = False
+    output: str = ""
+    journal: str = ""
+    stopped: str | None = None
+    failures: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when no row failed and the run was not stopped early."""
+        return self.failed == 0 and self.stopped is None

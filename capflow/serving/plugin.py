@@ -1,0 +1,9 @@
+"""Registers the built-in servings, exactly as a third-party plugin would."""
+
+from capflow.hookspecs import hookimpl
+from capflow.serving.openai import OpenAIServing
+
+
+@hookimpl
+def capflow_register_servings(register):  # noqa: ANN001 - see capflow.hookspecs
+    register("openai", OpenAIServing)

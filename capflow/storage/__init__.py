@@ -1,0 +1,6 @@
+"""Storages: where rows come from and where finished rows go."""
+
+from capflow.storage.base import Storage
+from capflow.storage.file import FileStorage
+
+__all__ = ["FileStorage", "Storage"]

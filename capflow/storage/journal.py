@@ -1,0 +1,67 @@
+"""The run journal: every finished row, made durable as it finishes.
+
+SQLite in WAL mode: each commit survives a crash or ``kill -9`` of the process, many engine
+tasks can hand rows over at once, and the finished rows can be read back in input order to
+write the step's output. The journal also remembers what it was written for (a fingerprint of
+input and settings), so a rerun of the same command picks up where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rows (idx INTEGER PRIMARY KEY, ok INTEGER NOT NULL, line TEXT NOT NULL);
+"""
+
+
+class RunJournal:
+    """Finished rows of one storage step, keyed by their input index.
+
+    :param path: the SQLite file (created if missing).
+    :param fingerprint: identifies input and settings; a journal written for another
+        fingerprint is cleared, since its rows would be stale.
+    """
+
+    def __init__(self, path: Path, fingerprint: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a committed row survives the process dying at any point.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        row = self._db.execute("SELECT value FROM meta WHERE key='fingerprint'").fetchone()
+        if row is None or row[0] != fingerprint:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM rows")
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('fingerprint', ?)", (fingerprint,))
+            self._db.execute("COMMIT")
+
+    def done_indices(self) -> Iterator[int]:
+        """Indices of rows already finished successfully, ascending."""
+        yield from (i for (i,) in self._db.execute("SELECT idx FROM rows WHERE ok=1 ORDER BY idx"))
+
+    def counts(self) -> tuple[int, int]:
+        """(rows finished successfully, rows failed) so far."""
+        ok, failed = self._db.execute(
+            "SELECT COALESCE(SUM(ok), 0), COALESCE(SUM(1 - ok), 0) FROM rows"
+        ).fetchone()
+        return int(ok), int(failed)
+
+    def add(self, batch: list[tuple[int, bool, str]]) -> None:
+        """Make a batch of finished rows (index, ok, JSON text) durable in one commit."""
+        self._db.execute("BEGIN")
+        self._db.executemany("INSERT OR REPLACE INTO rows VALUES (?, ?, ?)", batch)
+        self._db.execute("COMMIT")
+
+    def lines(self) -> Iterator[str]:
+        """Every finished row's JSON text, in input order."""
+        yield from (line for (line,) in self._db.execute("SELECT line FROM rows ORDER BY idx"))
+
+    def close(self) -> None:
+        """Close the database (what was committed stays)."""
+        self._db.close()

@@ -1,0 +1,1 @@
+"""Test helpers for capflow and its plugins (fake OpenAI-compatible server)."""

@@ -1,0 +1,1 @@
+"""Config options capflow-echo adds (serving=echo)."""
