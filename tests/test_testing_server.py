@@ -43,8 +43,21 @@ def image_part(url: str) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-def client(server: FakeOpenAIServer, api_key: str = "unused") -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=server.base_url, api_key=api_key, max_retries=0)
+def client(base_url: str, api_key: str = "unused") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+
+
+async def chat(
+    server: FakeOpenAIServer, model: str = "m", messages: Any = TEXT_ONLY, api_key: str = "unused"
+) -> Any:
+    """One SDK chat completion, closing the client's connections afterwards."""
+    async with client(server.base_url, api_key) as api:
+        return await api.chat.completions.create(model=model, messages=messages)
+
+
+async def list_models(server: FakeOpenAIServer, api_key: str = "unused") -> list[str]:
+    async with client(server.base_url, api_key) as api:
+        return [m.id async for m in api.models.list()]
 
 
 async def post(url: str, body: Any, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
@@ -88,10 +101,7 @@ def test_sdk_round_trip_with_images(server: FakeOpenAIServer) -> None:
         {"role": "user", "content": [image_part("https://example.com/a.jpg")]},
     ]
 
-    async def go() -> Any:
-        return await client(server).chat.completions.create(model="vlm", messages=messages)
-
-    completion = asyncio.run(go())
+    completion = asyncio.run(chat(server, "vlm", messages))
     expected = [describe_image(png), describe_image(jpeg), "url https://example.com/a.jpg"]
     assert expected[0] == "32x16 #0ac81e"
     assert completion.choices[0].message.content == "; ".join(expected)
@@ -126,15 +136,11 @@ def test_auth_required_when_api_key_configured() -> None:
 
         async def go() -> None:
             with pytest.raises(openai.AuthenticationError) as info:
-                await client(server, "wrong").chat.completions.create(
-                    model="m", messages=TEXT_ONLY
-                )
+                await chat(server, api_key="wrong")
             assert info.value.code == "invalid_api_key"
             with pytest.raises(openai.AuthenticationError):
-                await client(server, "wrong").models.list()
-            ok = await client(server, "s3cret").chat.completions.create(
-                model="m", messages=TEXT_ONLY
-            )
+                await list_models(server, "wrong")
+            ok = await chat(server, api_key="s3cret")
             assert ok.choices[0].message.content == "no image"
 
         asyncio.run(go())
@@ -147,21 +153,17 @@ def test_models_restrict_and_list() -> None:
 
         async def go() -> list[str]:
             with pytest.raises(openai.NotFoundError) as info:
-                await client(server).chat.completions.create(model="zzz", messages=TEXT_ONLY)
+                await chat(server, "zzz")
             assert info.value.code == "model_not_found"
             assert "The model `zzz` does not exist" in str(info.value)
-            await client(server).chat.completions.create(model="b", messages=TEXT_ONLY)
-            return [m.id async for m in client(server).models.list()]
+            await chat(server, "b")
+            return await list_models(server)
 
         assert asyncio.run(go()) == ["a", "b"]
         assert [r.status for r in server.requests] == [404, 200]
 
     with FakeOpenAIServer() as server:
-
-        async def default_models() -> list[str]:
-            return [m.id async for m in client(server).models.list()]
-
-        assert asyncio.run(default_models()) == [DEFAULT_MODEL]
+        assert asyncio.run(list_models(server)) == [DEFAULT_MODEL]
 
 
 @pytest.mark.parametrize(
@@ -188,12 +190,12 @@ def test_latency_and_max_in_flight() -> None:
     with FakeOpenAIServer(latency=0.3) as server:
 
         async def go() -> float:
-            api = client(server)
-            start = time.monotonic()
-            await asyncio.gather(*(
-                api.chat.completions.create(model="m", messages=TEXT_ONLY) for _ in range(20)
-            ))
-            return time.monotonic() - start
+            async with client(server.base_url) as api:
+                start = time.monotonic()
+                await asyncio.gather(*(
+                    api.chat.completions.create(model="m", messages=TEXT_ONLY) for _ in range(20)
+                ))
+                return time.monotonic() - start
 
         elapsed = asyncio.run(go())
         assert 0.3 <= elapsed < 0.3 * 5  # concurrent, not serialised
@@ -263,7 +265,7 @@ def test_reset_fault_drops_connection() -> None:
 
         async def via_sdk() -> None:
             with pytest.raises(openai.APIConnectionError):
-                await client(server).chat.completions.create(model="m", messages=TEXT_ONLY)
+                await chat(server)
 
         asyncio.run(via_sdk())
         assert server.stats()["faults"]["reset"] == 2
@@ -327,27 +329,26 @@ def test_subprocess_mode() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "FAKE_OPENAI_KEY": "k-123"}
     cmd = [sys.executable, "-m", "capflow.testing.server", "--port", "0", "--latency", "0.05",
            "--api-key-env", "FAKE_OPENAI_KEY", "--model", "m1", "m2"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        ready, _, _ = select.select([proc.stdout], [], [], 10)
-        assert ready, "server did not report LISTENING in time"
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True) as proc:
         assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
-        assert line.startswith("LISTENING http://127.0.0.1:") and line.endswith("/v1")
-        base_url = line.split()[1]
+        try:
+            ready, _, _ = select.select([proc.stdout], [], [], 10)
+            assert ready, "server did not report LISTENING in time"
+            line = proc.stdout.readline().strip()
+            assert line.startswith("LISTENING http://127.0.0.1:") and line.endswith("/v1")
+            base_url = line.split()[1]
 
-        async def go() -> str | None:
-            api = openai.AsyncOpenAI(base_url=base_url, api_key="k-123", max_retries=0)
-            with pytest.raises(openai.NotFoundError):
-                await api.chat.completions.create(model="other", messages=TEXT_ONLY)
-            done = await api.chat.completions.create(model="m2", messages=TEXT_ONLY)
-            return done.choices[0].message.content
+            async def go() -> str | None:
+                async with client(base_url, "k-123") as api:
+                    with pytest.raises(openai.NotFoundError):
+                        await api.chat.completions.create(model="other", messages=TEXT_ONLY)
+                    done = await api.chat.completions.create(model="m2", messages=TEXT_ONLY)
+                    return done.choices[0].message.content
 
-        assert asyncio.run(go()) == "no image"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=5) == 0
-        assert proc.stdout.read() == ""  # exactly one line of output
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            assert asyncio.run(go()) == "no image"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=5) == 0
+            assert proc.stdout.read() == ""  # exactly one line of output
+        finally:
+            if proc.poll() is None:
+                proc.kill()
