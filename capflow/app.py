@@ -9,7 +9,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from capflow.engine import EngineSettings
@@ -28,6 +28,12 @@ def build(node: DictConfig, base: type, where: str, **kwargs: Any) -> Any:
     if "_target_" not in node:
         raise ConfigError(f"{where} has no _target_ naming its class")
     try:
+        cls = get_class(node._target_)
+    except Exception:
+        raise ConfigError(f"{where}: cannot import _target_ {node._target_}") from None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(f"{where}: {node._target_} is not a capflow {base.__name__}")
+    try:
         obj = instantiate(node, **kwargs, _convert_="all")
     except InstantiationException as exc:
         cause = exc.__cause__
@@ -35,8 +41,6 @@ def build(node: DictConfig, base: type, where: str, **kwargs: Any) -> Any:
             raise cause from None
         reason = str(cause) if cause else str(exc).splitlines()[0]
         raise ConfigError(f"{where} ({node._target_}) could not be built: {reason}") from None
-    if not isinstance(obj, base):
-        raise ConfigError(f"{where}: {node._target_} is not a capflow {base.__name__}")
     return obj
 
 

@@ -41,6 +41,7 @@ def iter_json_array(f: IO[str], name: str) -> Iterator[tuple[object, str]]:
                 raise ConfigError(f"{name}: expected ',' or ']' after row {row}")
             pos = _skip_ws(buf, pos + 1)
         while True:
+            pos = _skip_ws(buf, pos)
             try:
                 value, end = _decoder.raw_decode(buf, pos)
             except json.JSONDecodeError as exc:

@@ -14,6 +14,7 @@ import base64
 import contextlib
 import hashlib
 import io
+import json
 import os
 import signal
 import sys
@@ -104,6 +105,29 @@ class RecordedRequest:
     headers: dict[str, str] = field(default_factory=dict)
     status: int = 0
     fault: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    stream: bool = False
+
+
+async def _stream(request: web.Request, completion: dict[str, Any]) -> web.StreamResponse:
+    """Send ``completion`` as server-sent events: one chunk per word, then usage."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    base = {k: completion[k] for k in ("id", "created", "model")} | {
+        "object": "chat.completion.chunk"
+    }
+    for choice in completion["choices"]:
+        words = choice["message"]["content"].split(" ")
+        for n, word in enumerate(words):
+            delta = {"content": word if n == 0 else " " + word}
+            chunk = base | {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        end = {"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}
+        await response.write(f"data: {json.dumps(base | {'choices': [end]})}\n\n".encode())
+    usage = base | {"choices": [], "usage": completion["usage"]}
+    await response.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+    await response.write_eof()
+    return response
 
 
 class _ApiError(Exception):
@@ -313,8 +337,9 @@ class FakeOpenAIServer:
         rec.model = model
         if not isinstance(messages, list) or not messages:
             raise _ApiError(400, "Invalid 'messages': expected a non-empty array.")
-        if body.get("stream"):
-            raise _ApiError(400, "Streaming is not supported by the capflow fake server.")
+        rec.stream = bool(body.get("stream"))
+        # Everything but the conversation: generation parameters and passthrough fields.
+        rec.params = {k: v for k, v in body.items() if k not in ("model", "messages", "stream")}
         if self.models is not None and model not in self.models:
             raise _ApiError(404, f"The model `{model}` does not exist", "model_not_found")
         urls = _parse_messages(messages, rec)
@@ -327,7 +352,10 @@ class FakeOpenAIServer:
         injected = await apply_fault(rec.fault, self.faults.config, request)
         if injected is not None:
             return injected
-        return web.json_response(self._completion(model, rec, empty=rec.fault == "empty_choices"))
+        completion = self._completion(model, rec, empty=rec.fault == "empty_choices")
+        if rec.stream:
+            return await _stream(request, completion)
+        return web.json_response(completion)
 
     def _completion(self, model: str, rec: RecordedRequest, *, empty: bool) -> dict[str, Any]:
         answer = "; ".join(rec.images) if rec.images else "no image"

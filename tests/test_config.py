@@ -1,0 +1,84 @@
+"""Every option of every config group composes and instantiates (as in the CLI)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from importlib import resources
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+from capflow import _hydra_bridge
+from capflow.app import build
+from capflow.errors import ConfigError
+from capflow.operators import Operator
+from capflow.plugins import get_plugins
+from capflow.serving import Serving
+from capflow.storage import Storage
+
+GROUPS = ("storage", "serving", "pipeline", "prompt")
+
+
+def _options(group: str) -> list[str]:
+    folder = resources.files("capflow.conf") / group
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+@pytest.fixture
+def hydra_compose() -> Iterator:
+    _hydra_bridge.install(get_plugins()[1])
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="capflow.conf", version_base=None):
+        yield lambda *overrides: compose(config_name="config", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_option_instantiates(hydra_compose, group, option):
+    cfg = hydra_compose(f"{group}={option}", "api_url=http://127.0.0.1:9/v1", "model_name=m")
+    storage = build(cfg.storage, Storage, "storage")
+    serving = build(cfg.serving, Serving, "serving")
+    steps = [build(node, Operator, name, serving=serving)
+             for name, node in cfg.pipeline.steps.items()]
+    assert steps and all(step.serving is serving for step in steps)
+    assert storage.step().input_name == cfg.input
+    if group == "prompt":
+        assert cfg.prompt.name == option
+        assert steps[0].system_prompt == cfg.prompt.system
+
+
+def test_top_level_knobs_reach_the_serving(hydra_compose):
+    cfg = hydra_compose("api_url=http://127.0.0.1:9/v1", "model_name=mm", "max_workers=33",
+                        "timeout=7", "key_name_of_api_key=SOME_KEY")
+    serving = build(cfg.serving, Serving, "serving")
+    assert (serving.api_url, serving.model_name, serving.max_workers, serving.timeout,
+            serving.key_name_of_api_key) == ("http://127.0.0.1:9/v1", "mm", 33, 7.0, "SOME_KEY")
+
+
+def test_default_input_is_the_bundled_sample(hydra_compose):
+    cfg = hydra_compose()
+    assert cfg.input.endswith("sample/sample_data.json")
+    assert resources.files("capflow.data").joinpath("sample/sample_data.json").is_file()
+
+
+def test_a_node_of_the_wrong_kind_is_a_clear_error(hydra_compose):
+    cfg = hydra_compose("serving._target_=capflow.storage.FileStorage",
+                        "+serving.first_entry_file_name=x")
+    with pytest.raises(ConfigError, match="is not a capflow Serving"):
+        build(cfg.serving, Serving, "serving")
+
+
+def test_bad_values_are_clear_errors(hydra_compose):
+    cfg = hydra_compose("max_workers=0", "api_url=http://127.0.0.1:9/v1")
+    with pytest.raises(ConfigError, match="max_workers must be at least 1"):
+        build(cfg.serving, Serving, "serving")
+    cfg = hydra_compose("storage.cache_type=csv")
+    with pytest.raises(ConfigError, match="cache_type must be one of"):
+        build(cfg.storage, Storage, "storage")
+
+
+def test_an_unknown_target_is_a_clear_error(hydra_compose):
+    cfg = hydra_compose("serving._target_=capflow_nope.Missing")
+    with pytest.raises(ConfigError, match="cannot import _target_ capflow_nope.Missing"):
+        build(cfg.serving, Serving, "serving")

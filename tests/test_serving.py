@@ -1,0 +1,137 @@
+"""OpenAIServing and the engine's retries, against a real loopback server with injected faults."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import expected_caption, make_dataset, read_rows
+
+from capflow.engine import EngineSettings
+from capflow.errors import ConfigError
+from capflow.operators import PromptedVQAGenerator
+from capflow.retry import RetryPolicy
+from capflow.serving import OpenAIServing
+from capflow.storage import FileStorage
+from capflow.testing.faults import FaultConfig
+from capflow.testing.server import FakeOpenAIServer
+
+FAST_RETRY = RetryPolicy(max_attempts=8, initial_wait=0.01, max_wait=0.2)
+
+
+def _run(tmp_path, server, n=20, settings=None, **serving_args):
+    data, rows = make_dataset(tmp_path, n)
+    serving_args.setdefault("model_name", "m")
+    serving = OpenAIServing(api_url=server.base_url, max_workers=8, **serving_args)
+    op = PromptedVQAGenerator(serving, system_prompt="S", output_answer_key="caption")
+    out = tmp_path / "out.jsonl"
+    storage = FileStorage(str(data), cache_path=str(tmp_path / "cache"))
+    summary = op.run(storage.step(output=str(out)),
+                     settings=settings or EngineSettings(retry=FAST_RETRY, report=False))
+    return summary, rows, read_rows(out)
+
+
+def _all_captioned(tmp_path, rows, written):
+    assert [r["id"] for r in written] == [r["id"] for r in rows]
+    for original, row in zip(rows, written):
+        assert row["caption"] == expected_caption(tmp_path / original["image"][0]), row
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        FaultConfig(rate_429=0.3, retry_after=0.05),
+        FaultConfig(rate_500=0.2, rate_502=0.1, rate_503=0.1),
+        FaultConfig(rate_malformed=0.3),
+        FaultConfig(rate_empty_choices=0.3),
+        FaultConfig(rate_reset=0.3),
+        FaultConfig(rate_hang=0.3, hang_seconds=3.0),
+    ],
+    ids=["429", "5xx", "malformed", "empty-choices", "reset", "hang"],
+)
+def test_transient_faults_are_retried_until_every_row_is_captioned(tmp_path, faults):
+    with FakeOpenAIServer(faults=faults) as server:
+        summary, rows, written = _run(tmp_path, server, timeout=0.5)
+        _all_captioned(tmp_path, rows, written)
+    injected = sum(server.stats()["faults"].values())  # hangs are counted once abandoned
+    assert injected > 0 and summary.retries >= injected and summary.failed == 0
+
+
+def test_retries_are_bounded_and_the_row_records_the_last_error(tmp_path):
+    policy = RetryPolicy(max_attempts=3, initial_wait=0.01, max_wait=0.05)
+    with FakeOpenAIServer(faults=FaultConfig(rate_503=1.0)) as server:
+        summary, _, written = _run(
+            tmp_path, server, n=4, settings=EngineSettings(retry=policy, report=False)
+        )
+        assert len(server.requests) == 4 * 3
+    assert summary.failed == 4 and summary.retries == 4 * 2
+    assert written[0]["_error"]["type"] == "ServerError"
+    assert written[0]["_error"]["message"].startswith("HTTP 503")
+    assert "caption" not in written[0]
+
+
+def test_retry_after_is_honoured(tmp_path):
+    faults = FaultConfig(rate_429=1.0, retry_after=0.3)
+    policy = RetryPolicy(max_attempts=2, initial_wait=0.001, max_wait=5)
+    with FakeOpenAIServer(faults=faults) as server:
+        summary, _, _ = _run(tmp_path, server, n=1,
+                             settings=EngineSettings(retry=policy, report=False))
+    assert summary.elapsed >= 0.3 and summary.failed == 1
+
+
+def test_client_errors_fail_at_once_with_the_servers_message(tmp_path):
+    with FakeOpenAIServer(models=["real-model"]) as server:
+        summary, _, written = _run(tmp_path, server, n=3, model_name="no-such-model")
+        assert len(server.requests) == 3
+    assert summary.failed == 3 and summary.retries == 0
+    assert written[0]["_error"] == {
+        "type": "NotFound",
+        "message": "HTTP 404: The model `no-such-model` does not exist",
+        "stage": "request",
+    }
+
+
+def test_generation_parameters_and_extra_body_reach_the_server(tmp_path, server):
+    _run(tmp_path, server, n=2, temperature=0.2, max_tokens=50, top_p=0.9, seed=7,
+         extra_body={"top_k": 20})
+    assert server.requests[0].params == {
+        "temperature": 0.2, "max_tokens": 50, "top_p": 0.9, "seed": 7, "top_k": 20
+    }
+
+
+def test_streamed_answers_are_joined(tmp_path, server):
+    summary, rows, written = _run(tmp_path, server, n=3, send_request_stream=True)
+    _all_captioned(tmp_path, rows, written)
+    assert all(r.stream for r in server.requests)
+    assert summary.completion_tokens > 0
+
+
+def test_unset_model_uses_the_servers_only_model(tmp_path):
+    with FakeOpenAIServer(models=["only-model"]) as server:
+        _, rows, written = _run(tmp_path, server, n=2, model_name=None)
+        assert {r.model for r in server.requests} == {"only-model"}
+    _all_captioned(tmp_path, rows, written)
+
+
+def test_unset_model_with_several_on_offer_is_a_config_error(tmp_path):
+    with FakeOpenAIServer(models=["a", "b"]) as server:
+        serving = OpenAIServing(api_url=server.base_url)
+        with pytest.raises(ConfigError, match="the server offers a, b"):
+            asyncio.run(serving.start())
+
+
+def test_no_key_needed_for_a_keyless_server(tmp_path, server, monkeypatch):
+    monkeypatch.delenv("CAPFLOW_API_KEY", raising=False)
+    summary, _, _ = _run(tmp_path, server, n=1)
+    assert summary.done == 1
+    assert server.requests[0].headers["Authorization"] == "Bearer no-key"
+
+
+def test_max_workers_bounds_requests_in_flight(tmp_path):
+    with FakeOpenAIServer(latency=0.05) as server:
+        data, _ = make_dataset(tmp_path, 40)
+        serving = OpenAIServing(api_url=server.base_url, model_name="m", max_workers=5)
+        op = PromptedVQAGenerator(serving, output_answer_key="caption")
+        op.run(FileStorage(str(data), cache_path=str(tmp_path)).step(),
+               settings=EngineSettings(report=False))
+        assert server.stats()["max_in_flight"] == 5
