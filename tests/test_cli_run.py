@@ -23,7 +23,7 @@ def test_200_rows_each_caption_belongs_to_its_row(server, tmp_path):
     assert result.returncode == 0, result.stderr
     written = read_rows(out)
     assert len(written) == 200
-    for original, row in zip(rows, written):
+    for original, row in zip(rows, written, strict=True):
         assert row["caption"] == expected_caption(tmp_path / original["image"][0])
         assert {k: v for k, v in row.items() if k != "caption"} == original
     # Byte for byte: each input field's JSON text appears unchanged in the output line.

@@ -56,7 +56,7 @@ def test_kill_9_keeps_finished_rows_and_rerun_completes(tmp_path):
         assert f"{len(kept)} skipped" in result.stdout
         final = read_rows(out)
         assert [r["id"] for r in final] == [r["id"] for r in rows]
-        for original, row in zip(rows, final):
+        for original, row in zip(rows, final, strict=True):
             assert row["caption"] == expected_caption(tmp_path / original["image"][0])
         ok = sum(1 for r in server.requests if r.status == 200)
         assert ok <= len(rows) + workers

@@ -33,7 +33,7 @@ def _run(tmp_path, server, n=20, settings=None, **serving_args):
 
 def _all_captioned(tmp_path, rows, written):
     assert [r["id"] for r in written] == [r["id"] for r in rows]
-    for original, row in zip(rows, written):
+    for original, row in zip(rows, written, strict=True):
         assert row["caption"] == expected_caption(tmp_path / original["image"][0]), row
 
 

@@ -9,8 +9,7 @@ import pytest
 
 from capflow.errors import ConfigError
 from capflow.rows import Row
-from capflow.storage import FileStorage
-from capflow.storage import json_stream
+from capflow.storage import FileStorage, json_stream
 from capflow.storage.json_stream import iter_json_array
 
 

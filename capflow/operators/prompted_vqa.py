@@ -68,7 +68,8 @@ class PromptedVQAGenerator(Operator):
         }
 
     def _turns(self, data: dict[str, Any]) -> list[dict[str, Any]]:
-        conversation = data.get(self.input_conversation_key) if self.input_conversation_key else None
+        key = self.input_conversation_key
+        conversation = data.get(key) if key else None
         if conversation:
             if not isinstance(conversation, list):
                 raise RowError(

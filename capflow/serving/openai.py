@@ -58,7 +58,9 @@ class OpenAIServing(Serving):
         self.max_workers = int(max_workers)
         self.timeout = float(timeout)
         self.send_request_stream = bool(send_request_stream)
-        params = {"temperature": temperature, "max_tokens": max_tokens, "top_p": top_p, "seed": seed}
+        params = {
+            "temperature": temperature, "max_tokens": max_tokens, "top_p": top_p, "seed": seed
+        }
         self.params = {k: v for k, v in params.items() if v is not None}
         self.extra_body = dict(extra_body or {})
         self._client: Any = None
@@ -137,7 +139,9 @@ class OpenAIServing(Serving):
         except openai.APIConnectionError as exc:
             raise ServingError("ConnectionError", _describe(exc), transient=True) from None
         except (openai.APIResponseValidationError, ValueError) as exc:
-            raise ServingError("BadResponse", f"unreadable response: {exc}", transient=True) from None
+            raise ServingError(
+                "BadResponse", f"unreadable response: {exc}", transient=True
+            ) from None
         choices = getattr(completion, "choices", None)
         if not choices:
             raise ServingError("BadResponse", "response has no choices", transient=True)

@@ -38,7 +38,9 @@ class RunJournal:
         if row is None or row[0] != fingerprint:
             self._db.execute("BEGIN")
             self._db.execute("DELETE FROM rows")
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('fingerprint', ?)", (fingerprint,))
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('fingerprint', ?)", (fingerprint,)
+            )
             self._db.execute("COMMIT")
 
     def done_indices(self) -> Iterator[int]:
