@@ -72,7 +72,6 @@ class _Step:
         self.wake_writer = asyncio.Event()
         self.journal: RunJournal | None = None
         self.progress: Progress | None = None
-        self.example: Request | None = None
 
     def fingerprint(self) -> str:
         what = [self.storage.input_identity(), self.op.describe(), self.serving.describe()]
@@ -166,8 +165,9 @@ class _Step:
             summary.images += request.image_count
             summary.image_bytes += request.image_bytes
             if self.dry_run:
-                self.example = self.example or request
+                summary.example = summary.example or request.messages
                 summary.requests += 1
+                summary.done += 1
                 self.progress.update()
                 continue
 

@@ -48,6 +48,7 @@ class RunSummary:
     journal: str = ""
     stopped: str | None = None
     failures: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    example: list[dict[str, Any]] | None = None  # a dry run's first request
 
     @property
     def ok(self) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from capflow.run import RunSummary
 
 _SHOWN_FAILURES = 5
@@ -10,17 +12,22 @@ _SHOWN_FAILURES = 5
 def format_summary(s: RunSummary) -> str:
     """Render ``s`` for a terminal."""
     title = "dry run" if s.dry_run else ("stopped: " + s.stopped if s.stopped else "finished")
-    lines = [
-        f"capflow {title} in {s.elapsed:.1f} s",
-        f"  rows      {s.rows}: {s.done} done, {s.failed} failed, {s.skipped} skipped"
-        " (already done)",
-    ]
+    lines = [f"capflow {title} in {s.elapsed:.1f} s"]
     if s.dry_run:
-        lines.append(
+        lines += [
+            f"  rows      {s.rows}: {s.done} ready, {s.failed} would fail",
             f"  requests  {s.requests} prepared, none sent; {s.images} images,"
-            f" {s.image_bytes / 1e6:.1f} MB of image data"
-        )
+            f" {s.image_bytes / 1e6:.2f} MB of image data",
+        ]
+        if s.example:
+            lines.append("  first request:")
+            lines += [f"    {line}" for line in _describe_messages(s.example)]
     else:
+        lines.append(
+            f"  rows      {s.rows}: {s.done} done, {s.failed} failed,"
+            f" {s.skipped} skipped (already done)"
+        )
+    if not s.dry_run:
         rate = s.requests / s.elapsed if s.elapsed > 0 else 0.0
         lines += [
             f"  requests  {s.requests} sent, {s.retries} retries, {rate:.1f}/s",
@@ -33,3 +40,26 @@ def format_summary(s: RunSummary) -> str:
     if s.failed > _SHOWN_FAILURES:
         lines.append(f"  ...       {s.failed - _SHOWN_FAILURES} more failed rows (see _error)")
     return "\n".join(lines)
+
+
+def _describe_messages(messages: list[dict[str, Any]]) -> list[str]:
+    """One line per message, with images shown by type and size instead of their data."""
+    out = []
+    for message in messages:
+        content = message["content"]
+        parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
+        shown = []
+        for part in parts:
+            if part["type"] == "text":
+                text = part["text"]
+                shown.append(repr(text if len(text) <= 70 else text[:67] + "..."))
+            else:
+                url = part["image_url"]["url"]
+                if url.startswith("data:"):
+                    mime = url[5 : url.index(";")]
+                    size = (len(url) - url.index(",") - 1) * 3 // 4
+                    shown.append(f"[{mime}, {size / 1000:.1f} kB]")
+                else:
+                    shown.append(f"[{url}]")
+        out.append(f"{message['role']}: {' '.join(shown)}")
+    return out

@@ -1,0 +1,1 @@
+"""Config options of capflow-echo-clash (serving=echo)."""
