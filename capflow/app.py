@@ -18,6 +18,7 @@ from capflow.operators.base import Operator
 from capflow.retry import RetryPolicy
 from capflow.run import RunSummary
 from capflow.serving.base import Serving
+from capflow.stop_rules import StopRules
 from capflow.storage.base import Storage
 
 log = logging.getLogger("capflow")
@@ -75,7 +76,20 @@ def run_job(cfg: DictConfig) -> list[RunSummary]:
         log.info("%s: running a dry run (nothing will be sent)", why_dry)
         dry_run = True
     settings = EngineSettings(
-        retry=RetryPolicy(**OmegaConf.to_container(cfg.retry)), progress=bool(cfg.progress)
+        retry=RetryPolicy(**OmegaConf.to_container(cfg.retry)),
+        cache_path=cfg.cache.path if cfg.cache.enabled else None,
+        stop=StopRules(
+            max_failures=cfg.max_failures,
+            max_tokens_total=cfg.max_tokens_total,
+            max_cost=cfg.max_cost,
+            prompt_price=cfg.price.prompt_per_million,
+            completion_price=cfg.price.completion_per_million,
+        ),
+        rpm=cfg.rpm,
+        tpm=cfg.tpm,
+        retry_failed=bool(cfg.retry_failed),
+        failed_output=_in_job_dir(cfg.failed_output),
+        progress=bool(cfg.progress),
     )
     summaries = []
     for n, op in enumerate(operators):

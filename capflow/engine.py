@@ -1,29 +1,36 @@
 """The engine: rows stream from storage through an operator to storage.
 
-Rows are prepared (images opened, checked, encoded) in a worker pool, at most ``max_workers``
-requests are in flight, and every finished row is committed to the step's journal as it
-finishes, so a crash loses at most the requests in flight. The step's output is written from
-the journal, in input order, at the end.
+Each row is prepared (images opened, checked, encoded) in a worker pool, answered from the
+response cache or sent with at most ``max_workers`` requests in flight, and committed to the
+step's journal as it finishes, so a crash loses at most the requests in flight. A request
+waiting to be retried does not hold an in-flight slot, so retries go out promptly, between
+first attempts. The step's output is written from the journal, in input order, at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from capflow.cache import ResponseCache, request_key
 from capflow.errors import RowError, ServingError
 from capflow.plugins import get_plugin_manager
 from capflow.progress import Progress
-from capflow.request import Request
+from capflow.ratelimit import RateLimiter
+from capflow.request import Request, Response
 from capflow.retry import RetryPolicy
 from capflow.rows import Row
 from capflow.run import RowResult, RunInfo, RunSummary
+from capflow.stop_rules import StopRules
 from capflow.storage.journal import RunJournal
 from capflow.summary import format_summary
 
@@ -39,12 +46,24 @@ class EngineSettings:
     """How the engine runs a step.
 
     :param retry: the retry policy for transient failures.
+    :param cache_path: the response cache's SQLite file; None switches the cache off.
+    :param stop: when to stop early (failures, budgets).
+    :param rpm: requests per minute to stay under (None: no limit).
+    :param tpm: tokens per minute to stay under (None: no limit).
+    :param retry_failed: on a rerun, send the rows that failed last time again.
+    :param failed_output: also write the failed rows to this JSON Lines file.
     :param prepare_workers: threads preparing rows (default: one per core).
     :param progress: show a progress bar on a terminal.
     :param report: print the summary when the step ends.
     """
 
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    cache_path: str | None = None
+    stop: StopRules = field(default_factory=StopRules)
+    rpm: float | None = None
+    tpm: float | None = None
+    retry_failed: bool = True
+    failed_output: str | None = None
     prepare_workers: int | None = None
     progress: bool = True
     report: bool = True
@@ -60,6 +79,10 @@ def run_step(
     return summary
 
 
+class _Stopped(Exception):
+    """The run is stopping: the row is left for a later run."""
+
+
 class _Step:
     def __init__(
         self, operator: Operator, storage: Storage, settings: EngineSettings, dry_run: bool
@@ -71,135 +94,196 @@ class _Step:
         self.pending: list[tuple[int, bool, str]] = []
         self.wake_writer = asyncio.Event()
         self.journal: RunJournal | None = None
-        self.progress: Progress | None = None
+        self.cache: ResponseCache | None = None
+        self.limiter = RateLimiter(settings.rpm, settings.tpm)
+        self.rules = settings.stop
+        self.progress = Progress(None, enabled=False)
+        self.in_flight = asyncio.Semaphore(max(1, int(self.serving.max_workers)))
+        self.started: asyncio.Task | None = None
+        self.serving_key: dict[str, Any] = {}
 
     def fingerprint(self) -> str:
         what = [self.storage.input_identity(), self.op.describe(), self.serving.describe()]
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
+    def stop(self, reason: str) -> None:
+        if self.summary.stopped is None:
+            self.summary.stopped = reason
+
     async def run(self) -> RunSummary:
-        started = time.perf_counter()
-        summary = self.summary
-        total = self.storage.count()
-        workers = max(1, int(self.serving.max_workers))
+        began = time.perf_counter()
+        summary, settings = self.summary, self.settings
+        if settings.cache_path:
+            self.cache = ResponseCache(Path(settings.cache_path))
         if not self.dry_run:
-            await self.serving.start()
             self.journal = RunJournal(self.storage.journal_path(), self.fingerprint())
             summary.journal = str(self.journal.path)
+        total = self.storage.count()
         self.hook.capflow_run_start(
             run=RunInfo(
                 self.storage.input_name, self.storage.output_name, type(self.op).__name__,
                 type(self.serving).__name__, total, self.dry_run,
             )
         )
-        self.progress = Progress(total, enabled=self.settings.progress)
-        queue: asyncio.Queue[tuple[Row, Request] | None] = asyncio.Queue(maxsize=workers)
+        self.progress = Progress(total, enabled=settings.progress)
         writer = asyncio.create_task(self.write_loop())
-        senders = [asyncio.create_task(self.send_loop(queue)) for _ in range(workers)]
+        main = asyncio.current_task()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
         try:
-            await self.produce(queue)
-            for _ in senders:
-                await queue.put(None)
-            await asyncio.gather(*senders)
+            await self.produce()
         except asyncio.CancelledError:
-            summary.stopped = "interrupted"
-            for task in senders:
-                task.cancel()
+            self.stop("interrupted")
         finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
             writer.cancel()
             self.flush()
             self.progress.close()
-            if not self.dry_run:
+            if self.started is not None and not self.started.cancelled():
                 await self.serving.close()
+            if self.cache is not None:
+                summary.cache_hits = self.cache.hits
+                summary.cache_size = self.cache.size()
+                self.cache.close()
             if self.journal is not None:
                 self.storage.write(self.journal.lines())
+                self.write_failed()
                 self.journal.close()
-            summary.elapsed = time.perf_counter() - started
+            summary.cost = self.rules.cost(summary.prompt_tokens, summary.completion_tokens)
+            summary.elapsed = time.perf_counter() - began
             self.hook.capflow_run_end(summary=summary)
         return summary
 
-    async def produce(self, queue: asyncio.Queue) -> None:
-        loop = asyncio.get_running_loop()
+    def skipped_indices(self) -> Any:
+        if self.journal is None:
+            return iter(())
+        if self.settings.retry_failed:
+            return self.journal.done_indices()
+        return self.journal.finished_indices()
+
+    async def produce(self) -> None:
         n_prep = self.settings.prepare_workers or os.cpu_count() or 2
-        base_dir = self.storage.base_dir
-        done = self.journal.done_indices() if self.journal else iter(())
+        # Rows in progress: being prepared, waiting for a slot, in flight or backing off.
+        active = asyncio.Semaphore(n_prep * 2 + int(self.serving.max_workers) * 2)
+        done = self.skipped_indices()
         next_done = next(done, None)
-        slots = asyncio.Semaphore(n_prep * 2)
         tasks: set[asyncio.Task] = set()
-
-        async def prepare(row: Row) -> None:
-            try:
-                request = await loop.run_in_executor(pool, self.op.prepare, row, base_dir)
-            except RowError as exc:
-                self.finish(row, error=exc.record())
-            except Exception as exc:  # a bug in an operator must not end the run
-                self.finish(row, error=RowError(type(exc).__name__, str(exc)).record())
-            else:
-                await queue.put((row, request))
-            finally:
-                slots.release()
-
         with ThreadPoolExecutor(n_prep, thread_name_prefix="capflow-prepare") as pool:
-            for row in self.storage.read():
-                self.summary.rows += 1
-                while next_done is not None and next_done < row.index:
-                    next_done = next(done, None)
-                if next_done == row.index:
-                    self.summary.skipped += 1
-                    self.progress.update(skipped=True)
-                    continue
-                if row.error:
-                    self.finish(row, error=RowError("BadRow", row.error).record())
-                    continue
-                await slots.acquire()
-                task = asyncio.create_task(prepare(row))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*tasks)
+            try:
+                for row in self.storage.read():
+                    if self.summary.stopped:
+                        break
+                    self.summary.rows += 1
+                    while next_done is not None and next_done < row.index:
+                        next_done = next(done, None)
+                    if next_done == row.index:
+                        self.summary.skipped += 1
+                        self.progress.update()
+                        continue
+                    await active.acquire()
+                    task = asyncio.create_task(self.process(row, pool))
+                    tasks.add(task)
+                    task.add_done_callback(lambda t: (tasks.discard(t), active.release()))
+                if tasks:
+                    await asyncio.gather(*tasks)
+            except asyncio.CancelledError:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
 
-    async def send_loop(self, queue: asyncio.Queue) -> None:
-        summary, policy = self.summary, self.settings.retry
-        while (item := await queue.get()) is not None:
-            row, request = item
+    async def process(self, row: Row, pool: ThreadPoolExecutor) -> None:
+        summary = self.summary
+        try:
+            if row.error:
+                raise RowError("BadRow", row.error)
+            loop = asyncio.get_running_loop()
+            request = await loop.run_in_executor(pool, self.op.prepare, row, self.storage.base_dir)
             summary.images += request.image_count
             summary.image_bytes += request.image_bytes
+            key = request_key(request, self.serving.describe()) if self.cache else None
+            response = self.cache.get(key) if key else None
             if self.dry_run:
                 summary.example = summary.example or request.messages
-                summary.requests += 1
-                summary.done += 1
-                self.progress.update()
-                continue
+                summary.requests += response is None
+                self.finish(row, fields={})
+                return
+            if response is None:
+                response = await self.settings.retry.call(self.attempt, request, self.count_retry)
+                if key:
+                    self.cache.put(key, response)
+            fields = self.op.apply(row, response)
+        except _Stopped:
+            return
+        except RowError as exc:
+            self.finish(row, error=exc.record())
+            return
+        except ServingError as exc:
+            self.finish(row, error={"type": exc.kind, "message": str(exc), "stage": "request"})
+            return
+        except Exception as exc:  # a bug in an operator or serving must not end the run
+            self.finish(row, error={"type": type(exc).__name__, "message": str(exc),
+                                    "stage": "request"})
+            return
+        self.finish(row, fields=fields)
 
+    async def attempt(self, request: Request) -> Response:
+        """Send one request: wait for an in-flight slot and the rate limiter, then the serving."""
+        if self.started is None:
+            self.started = asyncio.ensure_future(self.serving.start())
+        try:
+            await asyncio.shield(self.started)
+        except Exception as exc:
+            self.stop(f"the serving could not start: {exc}")
+            raise _Stopped from None
+        async with self.in_flight:
+            if self.summary.stopped:
+                raise _Stopped
+            if self.limiter.active:
+                await self.limiter.acquire(request.estimated_tokens)
+            self.summary.requests += 1
             try:
-                summary.requests += 1
-                response = await policy.call(self.serving.complete, request, self.count_retry)
-                fields = self.op.apply(row, response)
+                response = await self.serving.complete(request)
             except ServingError as exc:
-                self.finish(row, error={"type": exc.kind, "message": str(exc), "stage": "request"})
-                continue
-            except Exception as exc:  # a bug in a serving or operator must not end the run
-                error = {"type": type(exc).__name__, "message": str(exc), "stage": "request"}
-                self.finish(row, error=error)
-                continue
-            summary.prompt_tokens += response.usage.prompt_tokens
-            summary.completion_tokens += response.usage.completion_tokens
-            self.finish(row, fields=fields)
+                if exc.status == 429 and self.limiter.active:
+                    self.limiter.rate_limited(exc.retry_after)
+                reason = self.rules.after_request(exc.kind, str(exc))
+                if reason:
+                    self.stop(reason)
+                raise
+        self.limiter.succeeded()
+        usage = response.usage
+        self.limiter.correct(request.estimated_tokens,
+                             usage.prompt_tokens + usage.completion_tokens)
+        self.summary.prompt_tokens += usage.prompt_tokens
+        self.summary.completion_tokens += usage.completion_tokens
+        self.rules.after_request(None)
+        reason = self.rules.after_spend(self.summary.prompt_tokens, self.summary.completion_tokens)
+        if reason:
+            self.stop(reason)
+        return response
 
     def count_retry(self, exc: ServingError) -> None:
         self.summary.retries += 1
+        if self.summary.stopped:
+            raise _Stopped
 
     def finish(self, row: Row, *, fields: dict | None = None, error: dict | None = None) -> None:
         """Count a finished row and queue it for the next journal commit."""
+        summary = self.summary
         if error is not None:
-            self.summary.failed += 1
-            if len(self.summary.failures) < 20:
-                self.summary.failures.append((row.index, error))
+            summary.failed += 1
+            if len(summary.failures) < 20:
+                summary.failures.append((row.index, error))
             line = row.with_fields({ERROR_KEY: error})
         else:
-            self.summary.done += 1
+            summary.done += 1
             line = row.with_fields(fields or {})
         self.progress.update(failed=error is not None)
+        reason = self.rules.after_row(summary.done + summary.failed, summary.failed)
+        if reason:
+            self.stop(reason)
         if self.dry_run:
             return
         self.pending.append((row.index, error is None, line))
@@ -214,6 +298,18 @@ class _Step:
             self.flush()
 
     def flush(self) -> None:
+        # Responses first: a row in the journal always has its answer cached too.
+        if self.cache is not None:
+            self.cache.commit()
         if self.pending and self.journal is not None:
             batch, self.pending = self.pending, []
             self.journal.add(batch)
+
+    def write_failed(self) -> None:
+        path = self.settings.failed_output
+        if not path or self.journal is None:
+            return
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            for line in self.journal.failed_lines():
+                f.write(line + "\n")

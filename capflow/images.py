@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,21 @@ class ImagePreparer:
             raise RowError("ImageUnreadable", f"broken image {where}: {exc}") from None
         encoded = base64.b64encode(data).decode("ascii")
         return PreparedImage(f"data:{mime};base64,{encoded}", len(data), width, height)
+
+
+def estimate_image_tokens(width: int | None, height: int | None, detail: str | None) -> int:
+    """Input tokens one image costs, by OpenAI's published rule: 85 at ``low`` detail;
+    otherwise the image is fitted within 2048x2048, its short side brought down to 768, and
+    each 512-pixel tile costs 170 more. Images of unknown size count as 1024x1024."""
+    if detail == "low":
+        return 85
+    w, h = (width or 1024), (height or 1024)
+    scale = min(1.0, 2048 / max(w, h))
+    w, h = w * scale, h * scale
+    scale = min(1.0, 768 / min(w, h))
+    w, h = w * scale, h * scale
+    tiles = math.ceil(w / 512) * math.ceil(h / 512)
+    return 85 + 170 * tiles
 
 
 def _decode_data_uri(uri: str) -> bytes:

@@ -14,11 +14,13 @@ class Request:
     :param messages: OpenAI-style chat messages; images are ``image_url`` content parts.
     :param image_bytes: bytes of image data the request carries (for reports and dry runs).
     :param image_count: how many images the request carries.
+    :param estimated_tokens: prompt tokens expected (for rate limits), before the answer.
     """
 
     messages: list[dict[str, Any]]
     image_bytes: int = 0
     image_count: int = 0
+    estimated_tokens: int = 0
 
 
 @dataclass(slots=True)

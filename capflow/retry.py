@@ -11,6 +11,7 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_after_attempt,
+    stop_after_delay,
     wait_random_exponential,
 )
 
@@ -27,11 +28,13 @@ class RetryPolicy:
     :param max_attempts: tries per request, the first included.
     :param initial_wait: the backoff's first ceiling in seconds (doubling, with full jitter).
     :param max_wait: the longest wait between two tries, Retry-After included.
+    :param max_time: the most seconds one row may spend on tries and waits; None: no bound.
     """
 
     max_attempts: int = 5
     initial_wait: float = 1.0
     max_wait: float = 30.0
+    max_time: float | None = 600.0
 
     def _wait(self) -> Callable[[RetryCallState], float]:
         backoff = wait_random_exponential(multiplier=self.initial_wait, max=self.max_wait)
@@ -57,8 +60,11 @@ class RetryPolicy:
             if isinstance(exc, ServingError):
                 on_retry(exc)
 
+        stop = stop_after_attempt(max(1, self.max_attempts))
+        if self.max_time is not None:
+            stop = stop | stop_after_delay(self.max_time)
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(max(1, self.max_attempts)),
+            stop=stop,
             wait=self._wait(),
             retry=retry_if_exception(lambda e: isinstance(e, ServingError) and e.transient),
             before_sleep=before_sleep,

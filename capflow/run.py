@@ -49,6 +49,9 @@ class RunSummary:
     stopped: str | None = None
     failures: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     example: list[dict[str, Any]] | None = None  # a dry run's first request
+    cache_hits: int = 0
+    cache_size: int = 0
+    cost: float = 0.0
 
     @property
     def ok(self) -> bool:

@@ -11,12 +11,13 @@ _SHOWN_FAILURES = 5
 
 def format_summary(s: RunSummary) -> str:
     """Render ``s`` for a terminal."""
-    title = "dry run" if s.dry_run else ("stopped: " + s.stopped if s.stopped else "finished")
+    title = "dry run" if s.dry_run else ("stopped" if s.stopped else "finished")
     lines = [f"capflow {title} in {s.elapsed:.1f} s"]
     if s.dry_run:
         lines += [
             f"  rows      {s.rows}: {s.done} ready, {s.failed} would fail",
-            f"  requests  {s.requests} prepared, none sent; {s.images} images,"
+            f"  requests  {s.requests} to send ({s.cache_hits} answered by the cache), none sent;"
+            f" {s.images} images,"
             f" {s.image_bytes / 1e6:.2f} MB of image data",
         ]
         if s.example:
@@ -30,11 +31,16 @@ def format_summary(s: RunSummary) -> str:
     if not s.dry_run:
         rate = s.requests / s.elapsed if s.elapsed > 0 else 0.0
         lines += [
-            f"  requests  {s.requests} sent, {s.retries} retries, {rate:.1f}/s",
+            f"  requests  {s.requests} sent, {s.retries} retries, {rate:.1f}/s;"
+            f" {s.cache_hits} answered by the cache ({s.cache_size} stored)",
             f"  tokens    {s.prompt_tokens} prompt + {s.completion_tokens} completion"
-            f" = {s.prompt_tokens + s.completion_tokens}",
+            f" = {s.prompt_tokens + s.completion_tokens}"
+            + (f", cost {s.cost:.4f}" if s.cost else ""),
             f"  output    {s.output}",
         ]
+        if s.stopped:
+            lines.append(f"  stopped   {s.stopped}")
+            lines.append("            run the same command again to continue")
     for index, error in s.failures[:_SHOWN_FAILURES]:
         lines.append(f"  failed    row {index}: {error['type']}: {error['message']}")
     if s.failed > _SHOWN_FAILURES:

@@ -132,7 +132,7 @@ def test_wrong_key_fails_rows_with_the_servers_message(tmp_path):
 def test_newcomer_command_dry_runs_the_sample_and_says_what_to_set(tmp_path):
     result = run_capflow(cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "6 prepared, none sent" in result.stdout
+    assert "6 to send" in result.stdout
     assert "capflow api_url=" in result.stdout.splitlines()[-1]
     assert not list(tmp_path.rglob("*.jsonl"))  # a dry run invents no captions
 
@@ -143,7 +143,7 @@ def test_dry_run_needs_no_key_and_sends_nothing(server, tmp_path):
     result = run_capflow(*_common(server, data, tmp_path / "o.jsonl", "dry_run=true"),
                          cwd=tmp_path)
     assert result.returncode == 1  # a row that would fail is reported
-    assert "3 prepared, none sent" in result.stdout
+    assert "3 to send" in result.stdout
     assert "ImageNotFound" in result.stdout
     assert len(server.requests) == 0
     assert not (tmp_path / "o.jsonl").exists()

@@ -326,7 +326,6 @@ def test_install_use_and_uninstall_the_echo_plugin(echo_venv, sources, dataset, 
         out = tmp_path / "out.jsonl"
         result = venv.capflow("serving=echo", f"input={data}", f"output={out}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
-        assert f"{N_ROWS} done, 0 failed" in result.stdout
         rows = read_rows(out)
         assert [r["caption"] for r in rows] == [ECHO_CAPTION] * N_ROWS
         assert [{k: v for k, v in r.items() if k != "caption"} for r in rows] == dataset[1]
@@ -439,9 +438,10 @@ def test_typed_node_option_and_observer_hooks(clash_venv, dataset, tmp_path):
 def test_rows_skipped_on_resume_reach_row_finished(clash_venv, dataset, tmp_path):
     out = tmp_path / "out.jsonl"
     run_with_events(clash_venv, dataset[0], out, tmp_path)
-    stdout, events = run_with_events(clash_venv, dataset[0], out, tmp_path)
-    assert f"0 done, 0 failed, {N_ROWS} skipped" in stdout  # the resume itself works
-    assert events[-1]["skipped"] == N_ROWS
+    _, events = run_with_events(clash_venv, dataset[0], out, tmp_path)
+    if events[-1] != {"hook": "run_end", "done": 0, "failed": 0, "skipped": N_ROWS,
+                      "rows": N_ROWS}:  # not an AssertionError: this must not pass as the xfail
+        pytest.fail(f"the second run did not resume: {events[-1]}")
     skipped = [e for e in events if e["hook"] == "row_finished"]
     assert sorted(e["index"] for e in skipped) == list(range(N_ROWS))
     assert all(e["skipped"] for e in skipped)

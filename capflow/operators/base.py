@@ -54,4 +54,9 @@ class Operator(ABC):
             if not hasattr(self, name):
                 raise TypeError(f"{type(self).__name__}.run() got an unknown setting {name!r}")
             setattr(self, name, value)
-        return run_step(self, storage, settings or EngineSettings(), dry_run=dry_run)
+        if settings is None:
+            # The response cache sits beside the storage's step files, as in the CLI.
+            cache_dir = getattr(storage, "cache_path", None)
+            cache = str(Path(cache_dir) / "responses.sqlite") if cache_dir else None
+            settings = EngineSettings(cache_path=cache)
+        return run_step(self, storage, settings, dry_run=dry_run)

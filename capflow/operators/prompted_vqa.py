@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from capflow.conversation import build_messages
 from capflow.errors import RowError
-from capflow.images import ImagePreparer
+from capflow.images import ImagePreparer, estimate_image_tokens
 from capflow.operators.base import Operator
 from capflow.request import Request, Response
 from capflow.rows import Row
@@ -99,7 +99,12 @@ class PromptedVQAGenerator(Operator):
         messages = build_messages(
             turns, [img.url for img in images], self.system_prompt, self.image_detail
         )
-        return Request(messages, sum(img.size for img in images), len(images))
+        tokens = sum(
+            estimate_image_tokens(img.width, img.height, self.image_detail) for img in images
+        )
+        tokens += sum(len(t.get("value", t.get("content", "")) or "") for t in turns) // 4
+        tokens += len(self.system_prompt or "") // 4
+        return Request(messages, sum(img.size for img in images), len(images), tokens)
 
     def apply(self, row: Row, response: Response) -> dict[str, Any]:
         return {self.output_answer_key: response.text}

@@ -47,6 +47,15 @@ class RunJournal:
         """Indices of rows already finished successfully, ascending."""
         yield from (i for (i,) in self._db.execute("SELECT idx FROM rows WHERE ok=1 ORDER BY idx"))
 
+    def finished_indices(self) -> Iterator[int]:
+        """Indices of every row already finished, failed ones included, ascending."""
+        yield from (i for (i,) in self._db.execute("SELECT idx FROM rows ORDER BY idx"))
+
+    def failed_lines(self) -> Iterator[str]:
+        """The JSON text of every failed row, in input order."""
+        query = "SELECT line FROM rows WHERE ok=0 ORDER BY idx"
+        yield from (line for (line,) in self._db.execute(query))
+
     def counts(self) -> tuple[int, int]:
         """(rows finished successfully, rows failed) so far."""
         ok, failed = self._db.execute(

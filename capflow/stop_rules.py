@@ -1,0 +1,81 @@
+"""When a run stops early, cleanly: systematic failures and spending budgets.
+
+A wrong key or model makes every request fail the same way; capflow stops after the first few
+such failures instead of burning through the dataset. ``max_failures`` catches everything else
+that fails too often, and the token and cost budgets stop a run that would spend too much.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Errors that will not go away by themselves: the same key, model or endpoint fails every row.
+FATAL_KINDS = {
+    "AuthenticationError": "check the API key (the variable named by key_name_of_api_key)",
+    "PermissionDenied": "check the API key's permissions for this model",
+    "NotFound": "check model_name and api_url",
+}
+FATAL_AFTER = 3  # consecutive failures of one fatal kind
+
+_MIN_ROWS_FOR_FRACTION = 20
+
+
+@dataclass
+class StopRules:
+    """Decides whether a run should stop.
+
+    :param max_failures: stop when more rows than this have failed: a count (``50``) or a
+        fraction of the rows finished so far (``0.2``, judged once 20 rows have finished).
+        None: never stop for failures alone.
+    :param max_tokens_total: stop once prompt + completion tokens reach this.
+    :param max_cost: stop once the spend reaches this (in the currency of the prices).
+    :param prompt_price: price per million prompt tokens.
+    :param completion_price: price per million completion tokens.
+    """
+
+    max_failures: float | None = None
+    max_tokens_total: int | None = None
+    max_cost: float | None = None
+    prompt_price: float = 0.0
+    completion_price: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._streak_kind: str | None = None
+        self._streak = 0
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """Spend for the given token counts."""
+        return (prompt_tokens * self.prompt_price + completion_tokens * self.completion_price) / 1e6
+
+    def after_request(self, kind: str | None, message: str = "") -> str | None:
+        """Record one request outcome (``kind`` None for success); a reason to stop, or None."""
+        if kind is None or kind not in FATAL_KINDS:
+            self._streak_kind, self._streak = None, 0
+            return None
+        self._streak = self._streak + 1 if kind == self._streak_kind else 1
+        self._streak_kind = kind
+        if self._streak >= FATAL_AFTER:
+            return f"every request fails with {kind} ({message}): {FATAL_KINDS[kind]}"
+        return None
+
+    def after_row(self, finished: int, failed: int) -> str | None:
+        """A reason to stop given the rows finished and failed so far, or None."""
+        limit = self.max_failures
+        if limit is None:
+            return None
+        if 0 < limit < 1:
+            if finished >= _MIN_ROWS_FOR_FRACTION and failed > limit * finished:
+                return f"{failed} of {finished} rows failed, more than max_failures={limit:g}"
+        elif failed > limit:
+            return f"{failed} rows failed, more than max_failures={limit:g}"
+        return None
+
+    def after_spend(self, prompt_tokens: int, completion_tokens: int) -> str | None:
+        """A reason to stop given the tokens spent so far, or None."""
+        total = prompt_tokens + completion_tokens
+        if self.max_tokens_total is not None and total >= self.max_tokens_total:
+            return f"token budget reached: {total} >= max_tokens_total={self.max_tokens_total}"
+        spent = self.cost(prompt_tokens, completion_tokens)
+        if self.max_cost is not None and spent >= self.max_cost:
+            return f"cost budget reached: {spent:.4f} >= max_cost={self.max_cost:g}"
+        return None
