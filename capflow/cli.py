@@ -49,6 +49,9 @@ def _run(cfg) -> int:  # noqa: ANN001 - a DictConfig
         return EXIT_INTERRUPTED
     if any(s.stopped == "interrupted" for s in summaries):
         return EXIT_INTERRUPTED
+    for s in summaries:
+        if s.stopped:
+            print(f"capflow: stopped early: {s.stopped}", file=sys.stderr)
     return EXIT_OK if all(s.ok for s in summaries) else EXIT_ROWS_FAILED
 
 

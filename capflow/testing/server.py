@@ -107,6 +107,7 @@ class RecordedRequest:
     fault: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     stream: bool = False
+    received_at: float = 0.0  # time.monotonic() when the request arrived
 
 
 async def _stream(request: web.Request, completion: dict[str, Any]) -> web.StreamResponse:
@@ -133,12 +134,18 @@ async def _stream(request: web.Request, completion: dict[str, Any]) -> web.Strea
 class _ApiError(Exception):
     """Raised inside handlers; becomes an OpenAI-style error response."""
 
-    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.code = status, message, code
+        self.status, self.message, self.code, self.headers = status, message, code, headers
 
     def response(self) -> web.Response:
-        return error_response(self.status, self.message, self.code)
+        return error_response(self.status, self.message, self.code, headers=self.headers)
 
 
 def _parse_messages(messages: list[Any], rec: RecordedRequest) -> list[str]:
@@ -195,6 +202,7 @@ class FakeOpenAIServer:
         api_key: str | None = None,
         models: list[str] | None = None,
         faults: FaultConfig | None = None,
+        rpm_limit: int | None = None,
         *,
         port: int = 0,
     ) -> None:
@@ -202,6 +210,7 @@ class FakeOpenAIServer:
         self.api_key = api_key
         self.models = list(models) if models else None
         self.faults = FaultInjector(faults)
+        self.rpm_limit = rpm_limit
         self._requested_port = port
         self._port: int | None = None
         self._lock = threading.Lock()
@@ -258,6 +267,7 @@ class FakeOpenAIServer:
             self._statuses: Counter[int] = Counter()
             self._fault_counts: Counter[str] = Counter()
             self._completion_ids = 0
+            self._window: tuple[int, int] = (0, 0)  # (second, requests in it)
             self.faults.reset()
 
     # -- HTTP handlers -------------------------------------------------------
@@ -276,6 +286,19 @@ class FakeOpenAIServer:
         expected = f"Bearer {self.api_key}"
         if self.api_key is not None and request.headers.get("Authorization") != expected:
             raise _ApiError(401, "Incorrect API key provided", "invalid_api_key")
+
+    def _check_rate(self, now: float) -> None:
+        """Enforce ``rpm_limit`` per one-second window, as rate-limited APIs do (429)."""
+        if not self.rpm_limit:
+            return
+        second = int(now)
+        with self._lock:
+            current, count = self._window
+            count = count + 1 if second == current else 1
+            self._window = (second, count)
+        if count > self.rpm_limit / 60:
+            raise _ApiError(429, "Rate limit reached for requests", "rate_limit_exceeded",
+                            headers={"Retry-After": "1"})
 
     async def _list_models(self, request: web.Request) -> web.Response:
         try:
@@ -296,6 +319,7 @@ class FakeOpenAIServer:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         auth = request.headers.get("Authorization")
         rec = RecordedRequest(headers={"Authorization": auth} if auth is not None else {})
+        rec.received_at = time.monotonic()
         with self._lock:
             self._requests_total += 1
             self._in_flight += 1
@@ -325,6 +349,7 @@ class FakeOpenAIServer:
         if self.latency > 0:
             await asyncio.sleep(self.latency)
         self._check_auth(request)
+        self._check_rate(rec.received_at)
         try:
             body = await request.json()
         except ValueError:
@@ -450,6 +475,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", type=float, default=0.0, help="seconds to wait before each reply")
     p.add_argument("--api-key-env", metavar="NAME", help="require the API key held in env var NAME")
     p.add_argument("--model", action="extend", nargs="+", default=[], help="accepted model name(s)")
+    p.add_argument("--rpm-limit", type=int, help="answer 429 above this many requests a minute,"
+                   " counted per one-second window")
     add_fault_arguments(p)
     return p
 
@@ -464,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         if not api_key:
             parser.error(f"environment variable {args.api_key_env} is not set")
     server = FakeOpenAIServer(latency=args.latency, api_key=api_key, models=args.model or None,
-                              faults=config_from_args(args), port=args.port)
+                              faults=config_from_args(args), rpm_limit=args.rpm_limit,
+                              port=args.port)
     try:
         import uvloop  # optional speed-up
 
