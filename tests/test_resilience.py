@@ -48,7 +48,9 @@ def test_rerun_with_another_output_path_is_answered_by_the_cache(server, tmp_pat
     assert read_rows(tmp_path / "c.jsonl")[0]["taken"] == "2025-05-05"
 
 
-@pytest.mark.parametrize("change", ["prompt=concise", "model_name=other", "serving.temperature=0.5"])
+@pytest.mark.parametrize(
+    "change", ["prompt=concise", "model_name=other", "serving.temperature=0.5"]
+)
 def test_changing_prompt_model_or_parameters_misses_the_cache(server, tmp_path, change):
     data, _ = make_dataset(tmp_path, 5)
     assert run_capflow(*_args(server, data, tmp_path / "a.jsonl"), cwd=tmp_path).returncode == 0
