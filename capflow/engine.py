@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from capflow.storage.base import Storage
 
 ERROR_KEY = "_error"
+_SHOWN_ESTIMATES = 10
 
 
 @dataclass
@@ -113,7 +114,8 @@ class _Step:
     async def run(self) -> RunSummary:
         began = time.perf_counter()
         summary, settings = self.summary, self.settings
-        if settings.cache_path:
+        # A dry run reads an existing cache (to say what it would answer) but creates none.
+        if settings.cache_path and (not self.dry_run or Path(settings.cache_path).exists()):
             self.cache = ResponseCache(Path(settings.cache_path))
         if not self.dry_run:
             self.journal = RunJournal(self.storage.journal_path(), self.fingerprint())
@@ -205,6 +207,11 @@ class _Step:
             key = request_key(request, self.serving.describe()) if self.cache else None
             response = self.cache.get(key) if key else None
             if self.dry_run:
+                summary.image_tokens += request.image_tokens
+                if len(summary.row_estimates) < _SHOWN_ESTIMATES:
+                    summary.row_estimates.append(
+                        (row.index, request.image_count, request.image_tokens)
+                    )
                 summary.example = summary.example or request.messages
                 summary.requests += response is None
                 self.finish(row, fields={})

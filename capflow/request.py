@@ -15,12 +15,14 @@ class Request:
     :param image_bytes: bytes of image data the request carries (for reports and dry runs).
     :param image_count: how many images the request carries.
     :param estimated_tokens: prompt tokens expected (for rate limits), before the answer.
+    :param image_tokens: the part of ``estimated_tokens`` that the images cost.
     """
 
     messages: list[dict[str, Any]]
     image_bytes: int = 0
     image_count: int = 0
     estimated_tokens: int = 0
+    image_tokens: int = 0
 
 
 @dataclass(slots=True)

@@ -49,6 +49,8 @@ class RunSummary:
     stopped: str | None = None
     failures: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     example: list[dict[str, Any]] | None = None  # a dry run's first request
+    image_tokens: int = 0
+    row_estimates: list[tuple[int, int, int]] = field(default_factory=list)  # dry run: first rows
     cache_hits: int = 0
     cache_size: int = 0
     cost: float = 0.0

@@ -20,6 +20,11 @@ def format_summary(s: RunSummary) -> str:
             f" {s.images} images,"
             f" {s.image_bytes / 1e6:.2f} MB of image data",
         ]
+        lines.append(f"  tokens    ~{s.image_tokens} image tokens in all (estimated)")
+        for index, images, tokens in sorted(s.row_estimates):
+            lines.append(f"    row {index}: {images} images, ~{tokens} image tokens")
+        if s.rows > len(s.row_estimates):
+            lines.append("    ...")
         if s.example:
             lines.append("  first request:")
             lines += [f"    {line}" for line in _describe_messages(s.example)]

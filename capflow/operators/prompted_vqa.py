@@ -65,6 +65,7 @@ class PromptedVQAGenerator(Operator):
                 self.output_answer_key,
             ],
             "image_detail": self.image_detail,
+            "image_io": self.image_io.describe(),
         }
 
     def _turns(self, data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -99,12 +100,13 @@ class PromptedVQAGenerator(Operator):
         messages = build_messages(
             turns, [img.url for img in images], self.system_prompt, self.image_detail
         )
-        tokens = sum(
+        image_tokens = sum(
             estimate_image_tokens(img.width, img.height, self.image_detail) for img in images
         )
-        tokens += sum(len(t.get("value", t.get("content", "")) or "") for t in turns) // 4
-        tokens += len(self.system_prompt or "") // 4
-        return Request(messages, sum(img.size for img in images), len(images), tokens)
+        text = sum(len(str(t.get("value", t.get("content", "")) or "")) for t in turns)
+        text_tokens = (text + len(self.system_prompt or "")) // 4  # ~4 characters a token
+        return Request(messages, sum(img.size for img in images), len(images),
+                       image_tokens + text_tokens, image_tokens)
 
     def apply(self, row: Row, response: Response) -> dict[str, Any]:
         return {self.output_answer_key: response.text}

@@ -279,6 +279,7 @@ class FakeOpenAIServer:
             app.router.add_post(f"{prefix}/chat/completions", self._chat)
             app.router.add_get(f"{prefix}/models", self._list_models)
         app.router.add_get("/_stats", self._stats_handler)
+        app.router.add_get("/_log", self._log_handler)
         app.router.add_post("/_reset", self._reset_handler)
         return app
 
@@ -311,6 +312,12 @@ class FakeOpenAIServer:
 
     async def _stats_handler(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())
+
+    async def _log_handler(self, request: web.Request) -> web.Response:
+        """``[[received_at, status], ...]`` for every recorded request, in completion order."""
+        with self._lock:
+            log = [[rec.received_at, rec.status] for rec in self._records]
+        return web.json_response(log)
 
     async def _reset_handler(self, request: web.Request) -> web.Response:
         self.reset()
