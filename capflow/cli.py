@@ -13,7 +13,11 @@ def main() -> None:
     """Entry point of the ``capflow`` console script."""
     argv = sys.argv[1:]
     if argv[:1] == ["plugins"]:
-        sys.exit(_plugins_command())
+        try:
+            sys.exit(_plugins_command())
+        except BrokenPipeError:  # `capflow plugins | head`
+            sys.stderr.close()
+            sys.exit(EXIT_OK)
     try:
         from capflow.plugins import get_plugins
 
@@ -33,7 +37,13 @@ def main() -> None:
     def job(cfg) -> None:  # noqa: ANN001 - a DictConfig
         statuses.append(_run(cfg))
 
-    job()
+    try:
+        job()
+    except SystemExit as exc:
+        # Hydra exits 1 for a bad override or option before any job ran: that is a usage error.
+        if exc.code not in (0, None) and not statuses:
+            sys.exit(EXIT_ERROR)
+        raise
     sys.exit(max(statuses, default=EXIT_OK))
 
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import signal
 import time
@@ -37,6 +38,8 @@ from capflow.summary import format_summary
 if TYPE_CHECKING:
     from capflow.operators.base import Operator
     from capflow.storage.base import Storage
+
+log = logging.getLogger(__name__)
 
 ERROR_KEY = "_error"
 _SHOWN_ESTIMATES = 10
@@ -80,6 +83,29 @@ def run_step(
     return summary
 
 
+class _SafeHooks:
+    """Calls observer hooks; a failing observer is reported once and never stops the run."""
+
+    def __init__(self, pm: Any) -> None:
+        self._pm = pm
+        self._failed: set[str] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        hook = getattr(self._pm.hook, name)
+
+        def call(**kwargs: Any) -> None:
+            if name in self._failed:
+                return
+            try:
+                hook(**kwargs)
+            except Exception as exc:
+                self._failed.add(name)
+                log.warning("a plugin failed in %s (%s: %s); it is not called again this run",
+                            name, type(exc).__name__, exc)
+
+        return call
+
+
 class _Stopped(Exception):
     """The run is stopping: the row is left for a later run."""
 
@@ -90,7 +116,7 @@ class _Step:
     ) -> None:
         self.op, self.storage, self.settings, self.dry_run = operator, storage, settings, dry_run
         self.serving = operator.serving
-        self.hook = get_plugin_manager().hook
+        self.hook = _SafeHooks(get_plugin_manager())
         self.summary = RunSummary(dry_run=dry_run, output=storage.output_name)
         self.pending: list[tuple[int, bool, str]] = []
         self.wake_writer = asyncio.Event()

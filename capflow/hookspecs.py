@@ -104,7 +104,10 @@ def capflow_run_start(run: RunInfo) -> None:
 
 @hookspec
 def capflow_row_finished(result: RowResult) -> None:
-    """Observe each row as it is written: captioned, failed or skipped.
+    """Observe each row as this run finishes it: captioned or failed.
+
+    Rows that a resumed run skips (an earlier run finished them) are only counted, in the
+    summary's ``skipped``.
 
     Called on the event loop that keeps requests in flight: keep it quick.
 

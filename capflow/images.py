@@ -10,6 +10,7 @@ and in a format every API accepts are sent as they are.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import math
 import re
@@ -123,7 +124,7 @@ class ImagePreparer:
         return self._from_bytes(self._read(ref, base_dir), ref)
 
     def _read(self, ref: str, base_dir: Path) -> bytes:
-        root = self.image_root or base_dir.resolve()
+        root = self.image_root or _resolved(base_dir)
         path = Path(ref).expanduser()
         if not path.is_absolute():
             path = base_dir / path
@@ -203,6 +204,11 @@ class ImagePreparer:
         if self.keep_png and source_format == "PNG":
             pil_format, mime = "PNG", "image/png"
         return _encode(_web_mode(frame, pil_format), pil_format, mime, self.quality, len(data))
+
+
+@functools.lru_cache(maxsize=64)
+def _resolved(folder: Path) -> Path:
+    return folder.resolve()
 
 
 def _web_mode(img: Image.Image, pil_format: str) -> Image.Image:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
@@ -147,35 +147,66 @@ def load_plugins() -> tuple[pluggy.PluginManager, PluginRegistry]:
     for name in disabled:
         pm.set_blocked(name)
     if "all" not in disabled:
+        _check_entry_point_names()
         try:
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
         except pluggy.PluginValidationError as exc:
-            raise PluginError(f"plugin {exc.plugin!r} is invalid: {exc}") from None
+            raise PluginError(_invalid(pm, exc)) from None
     for module_name in DEFAULT_PLUGINS:
         if module_name not in disabled:
             _register(pm, __import__(module_name, fromlist=["_"]), module_name)
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"{exc} (misspelt hook name?)") from None
+        raise PluginError(f"{_invalid(pm, exc)} (misspelt hook name?)") from None
 
     registry = PluginRegistry()
     # The built-in YAML tree is Hydra's primary config; record its options under "capflow".
     for group, name in _options_in_tree(BUILTIN_CONFIG):
         registry._add_option(group, name, "capflow")
+    # Called one implementation at a time, so that each registration is credited to its plugin.
     for kind in KINDS:
         for impl in getattr(pm.hook, f"capflow_register_{kind}s").get_hookimpls():
-            impl.function(ComponentRegister(registry, kind, impl.plugin_name))
+            _call(impl, ComponentRegister(registry, kind, impl.plugin_name))
     for impl in pm.hook.capflow_register_config.get_hookimpls():
-        impl.function(ConfigRegistry(registry, impl.plugin_name))
+        _call(impl, ConfigRegistry(registry, impl.plugin_name))
     return pm, registry
+
+
+def _call(impl: Any, registry: object) -> None:
+    if impl.hookwrapper or impl.wrapper:
+        raise PluginError(f"plugin {impl.plugin_name!r}: registration hooks cannot be wrappers")
+    impl.function(**{name: registry for name in impl.argnames})
+
+
+def _invalid(pm: pluggy.PluginManager, exc: pluggy.PluginValidationError) -> str:
+    name = pm.get_name(exc.plugin) or getattr(exc.plugin, "__name__", repr(exc.plugin))
+    reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "invalid"
+    return f"plugin {name!r} is invalid: {reason}"
+
+
+def _check_entry_point_names() -> None:
+    """Two distributions announcing one plugin name is an error, not a silent first-wins."""
+    seen: dict[str, tuple[str, str]] = {}
+    for dist in metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group != ENTRY_POINT_GROUP:
+                continue
+            owner = (dist.metadata["Name"], ep.value)
+            known = seen.setdefault(ep.name, owner)
+            # The same distribution can be visible twice (e.g. through a venv's system site).
+            if known[1] != ep.value or known[0] != owner[0]:
+                raise PluginError(
+                    f"two plugins are named {ep.name!r}: distributions {known[0]!r}"
+                    f" ({known[1]}) and {owner[0]!r} ({ep.value})"
+                )
 
 
 def _register(pm: pluggy.PluginManager, plugin: Any, name: str) -> None:
     try:
         pm.register(plugin, name=name)
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {name!r} is invalid: {exc}") from None
+        raise PluginError(_invalid(pm, exc)) from None
 
 
 _loaded: tuple[pluggy.PluginManager, PluginRegistry] | None = None

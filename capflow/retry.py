@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -36,8 +39,14 @@ class RetryPolicy:
     max_wait: float = 30.0
     max_time: float | None = 600.0
 
+    def _first_wait(self, exc: ServingError) -> float:
+        if exc.retry_after is not None:
+            return min(exc.retry_after, self.max_wait)
+        return random.uniform(0, min(self.initial_wait, self.max_wait))
+
     def _wait(self) -> Callable[[RetryCallState], float]:
-        backoff = wait_random_exponential(multiplier=self.initial_wait, max=self.max_wait)
+        # The first wait (before tenacity takes over) is up to initial_wait; these double on.
+        backoff = wait_random_exponential(multiplier=self.initial_wait * 2, max=self.max_wait)
 
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
@@ -54,15 +63,25 @@ class RetryPolicy:
         on_retry: Callable[[ServingError], None],
     ) -> T:
         """Await ``fn(arg)``, retrying transient ``ServingError``s; the last error is raised."""
+        began = time.monotonic()
+        try:
+            # Most requests succeed at once: only a failed one pays for the retry machinery.
+            return await fn(arg)
+        except ServingError as exc:
+            if not exc.transient or self.max_attempts <= 1:
+                raise
+            on_retry(exc)
+            first_error = exc
+        await asyncio.sleep(self._first_wait(first_error))
 
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             if isinstance(exc, ServingError):
                 on_retry(exc)
 
-        stop = stop_after_attempt(max(1, self.max_attempts))
+        stop = stop_after_attempt(self.max_attempts - 1)
         if self.max_time is not None:
-            stop = stop | stop_after_delay(self.max_time)
+            stop = stop | stop_after_delay(max(0.0, self.max_time - (time.monotonic() - began)))
         retrying = AsyncRetrying(
             stop=stop,
             wait=self._wait(),

@@ -25,7 +25,6 @@ class RowResult:
     index: int
     line: str
     error: dict[str, str] | None = None
-    skipped: bool = False
 
 
 @dataclass

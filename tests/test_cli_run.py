@@ -167,3 +167,9 @@ def test_bad_input_file_is_a_one_line_error(tmp_path):
     result = run_capflow(f"input={tmp_path}/missing.json", "dry_run=true", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == f"capflow: error: input file not found: {tmp_path}/missing.json"
+
+
+def test_an_unknown_option_is_a_usage_error(tmp_path):
+    result = run_capflow("serving=nope", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Could not find 'serving/nope'" in result.stderr

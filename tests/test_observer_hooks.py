@@ -46,3 +46,29 @@ def test_observer_sees_start_each_row_and_end(server, tmp_path):
     assert observer.events[-1] == ("end", 3, 1)
     rows = sorted(e[1:] for e in observer.events if e[0] == "row")
     assert rows == [(0, None), (1, "ImageNotFound"), (2, None), (3, None)]
+
+
+class BrokenObserver:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @hookimpl
+    def capflow_row_finished(self, result):
+        self.calls += 1
+        raise RuntimeError("observer bug")
+
+
+def test_a_failing_observer_never_stops_the_run(server, tmp_path, caplog):
+    data, _ = make_dataset(tmp_path, 5)
+    observer = BrokenObserver()
+    pm = get_plugin_manager()
+    pm.register(observer, name="broken-observer")
+    try:
+        serving = OpenAIServing(api_url=server.base_url, model_name="m")
+        op = PromptedVQAGenerator(serving, output_answer_key="caption")
+        summary = op.run(FileStorage(str(data), cache_path=str(tmp_path / "c")).step(),
+                         settings=EngineSettings(report=False))
+    finally:
+        pm.unregister(name="broken-observer")
+    assert summary.done == 5 and observer.calls == 1
+    assert "a plugin failed in capflow_row_finished (RuntimeError: observer bug)" in caplog.text

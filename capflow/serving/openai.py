@@ -122,14 +122,18 @@ class OpenAIServing(Serving):
     async def complete(self, request: Request) -> Response:
         import openai
 
-        kwargs: dict[str, Any] = {"model": self.model_name, "messages": request.messages}
-        kwargs.update(self.params)
-        if self.extra_body:
-            kwargs["extra_body"] = self.extra_body
         try:
             if self.send_request_stream:
+                kwargs: dict[str, Any] = {"model": self.model_name, "messages": request.messages}
+                kwargs.update(self.params)
+                if self.extra_body:
+                    kwargs["extra_body"] = self.extra_body
                 return await self._complete_streamed(kwargs)
-            completion = await self._client.chat.completions.create(**kwargs)
+            # The SDK's generic post: its auth, transport and error mapping, without walking
+            # every message (and its base64 images) through the typed-parameter transform.
+            body = {"model": self.model_name, "messages": request.messages, **self.params,
+                    **self.extra_body}
+            completion = await self._client.post("/chat/completions", cast_to=object, body=body)
         except openai.APIStatusError as exc:
             raise _status_error(exc) from None
         except openai.APITimeoutError:
@@ -142,23 +146,7 @@ class OpenAIServing(Serving):
             raise ServingError(
                 "BadResponse", f"unreadable response: {exc}", transient=True
             ) from None
-        choices = getattr(completion, "choices", None)
-        if not choices:
-            raise ServingError("BadResponse", "response has no choices", transient=True)
-        choice = choices[0]
-        text = choice.message.content if choice.message else None
-        if text is None:
-            raise ServingError(
-                "EmptyAnswer", f"answer has no text (finish_reason={choice.finish_reason})",
-                transient=False,
-            )
-        usage = completion.usage
-        return Response(
-            text=text,
-            usage=Usage(usage.prompt_tokens, usage.completion_tokens) if usage else Usage(),
-            finish_reason=choice.finish_reason,
-            model=completion.model,
-        )
+        return _parse_completion(completion)
 
     async def _complete_streamed(self, kwargs: dict[str, Any]) -> Response:
         stream = await self._client.chat.completions.create(
@@ -175,6 +163,28 @@ class OpenAIServing(Serving):
                     parts.append(choice.delta.content)
                 finish = choice.finish_reason or finish
         return Response("".join(parts), usage, finish, model)
+
+
+def _parse_completion(completion: Any) -> Response:
+    """A Response from a chat-completion JSON body; a malformed body is a transient error."""
+    try:
+        choice = completion["choices"][0]
+        message = choice.get("message") or {}
+        text = message.get("content")
+        usage = completion.get("usage") or {}
+        finish = choice.get("finish_reason")
+    except (TypeError, KeyError, IndexError, AttributeError):
+        raise ServingError("BadResponse", "response has no choices", transient=True) from None
+    if not isinstance(text, str):
+        raise ServingError(
+            "EmptyAnswer", f"answer has no text (finish_reason={finish})", transient=False
+        )
+    return Response(
+        text=text,
+        usage=Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)),
+        finish_reason=finish,
+        model=completion.get("model"),
+    )
 
 
 def _describe(exc: BaseException) -> str:

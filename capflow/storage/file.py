@@ -46,6 +46,8 @@ class FileStorage(Storage):
         self.cache_type = cache_type
         self._step = 0
         self._output: str | None = None
+        # Paths in rows are relative to the dataset file, whichever step reads them.
+        self._base_dir = Path(self.first_entry_file_name).resolve().parent
 
     def _step_file(self, step: int) -> str:
         if step == 0:
@@ -73,8 +75,7 @@ class FileStorage(Storage):
 
     @property
     def base_dir(self) -> Path:
-        # Paths in rows are relative to the dataset file, whichever step reads them.
-        return Path(self.first_entry_file_name).resolve().parent
+        return self._base_dir
 
     @property
     def input_name(self) -> str:

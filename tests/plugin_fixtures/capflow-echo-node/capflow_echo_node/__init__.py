@@ -34,7 +34,7 @@ def capflow_run_start(run):  # noqa: ANN001
 @hookimpl
 def capflow_row_finished(result):  # noqa: ANN001
     _log({"hook": "row_finished", "index": result.index, "row": json.loads(result.line),
-          "error": result.error, "skipped": result.skipped})
+          "error": result.error})
 
 
 @hookimpl
