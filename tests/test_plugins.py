@@ -7,10 +7,11 @@ folder first, so that building them leaves no ``build/`` or ``*.egg-info`` in th
 then installed with ``pip --no-index --no-deps --no-build-isolation``:
 
 - into a ``pip install --target`` folder put on ``sys.path`` for the in-process tests;
-- into venvs made with ``--system-site-packages`` (capflow and its dependencies come from the base
-  environment) for the console-script tests. Such a venv gets no scripts from the base, so the
-  ``capflow-cli`` fixture installs the ``capflow`` console script alone: the launcher pip writes
-  for ``capflow = "capflow.cli:main"``, importing the base's capflow.
+- into fresh venvs for the console-script tests. capflow and its dependencies come from the
+  environment running the tests (itself often a venv), which a ``.pth`` file in the new venv adds
+  as a site directory. A venv gets no scripts from elsewhere, so the ``capflow-cli`` fixture
+  installs the ``capflow`` console script alone: the launcher pip writes for
+  ``capflow = "capflow.cli:main"``, importing the running environment's capflow.
 
 Third-party plugins are chosen per test with ``CAPFLOW_DISABLE_PLUGINS``.
 """
@@ -21,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -126,8 +128,14 @@ class Venv:
 
 
 def make_venv(path: Path, cli_source: Path) -> Venv:
-    checked(run(sys.executable, "-m", "venv", "--system-site-packages", path, cwd=path.parent))
+    checked(run(sys.executable, "-m", "venv", path, cwd=path.parent))
     venv = Venv(path)
+    # --system-site-packages would reach the base interpreter, not the environment running the
+    # tests; addsitedir also runs that environment's .pth files (editable installs among them).
+    own_site = venv.python("import sysconfig; print(sysconfig.get_paths()['purelib'])").strip()
+    parents = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    lines = "".join(f"import site; site.addsitedir({p!r})\n" for p in parents)
+    (Path(own_site) / "_capflow_test_parent.pth").write_text(lines)
     venv.pip("install", *PIP_FLAGS, cli_source)
     assert (venv.bin / "capflow").is_file()
     return venv
