@@ -16,6 +16,10 @@ FATAL_KINDS = {
     "NotFound": "check model_name and api_url",
 }
 FATAL_AFTER = 3  # consecutive failures of one fatal kind
+# A server that cannot be reached at all; a few dropped connections in a busy run are normal,
+# so this takes a long streak without a single success.
+UNREACHABLE = "ConnectionError"
+UNREACHABLE_AFTER = 20
 
 _MIN_ROWS_FOR_FRACTION = 20
 
@@ -49,12 +53,16 @@ class StopRules:
 
     def after_request(self, kind: str | None, message: str = "") -> str | None:
         """Record one request outcome (``kind`` None for success); a reason to stop, or None."""
-        if kind is None or kind not in FATAL_KINDS:
+        if kind is None or (kind not in FATAL_KINDS and kind != UNREACHABLE):
             self._streak_kind, self._streak = None, 0
             return None
         self._streak = self._streak + 1 if kind == self._streak_kind else 1
         self._streak_kind = kind
-        if self._streak >= FATAL_AFTER:
+        if kind == UNREACHABLE:
+            if self._streak >= UNREACHABLE_AFTER:
+                return (f"the server cannot be reached ({message}):"
+                        " check api_url and that the server is running")
+        elif self._streak >= FATAL_AFTER:
             return f"every request fails with {kind} ({message}): {FATAL_KINDS[kind]}"
         return None
 

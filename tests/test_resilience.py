@@ -223,3 +223,19 @@ def test_sigterm_stops_gracefully_and_the_rerun_finishes(tmp_path):
         assert subprocess.run(args, cwd=tmp_path, capture_output=True).returncode == 0
         assert _ok(server) <= 60 + 4
     _check_captions(tmp_path, rows, read_rows(tmp_path / "o.jsonl"))
+
+
+def test_an_unreachable_server_stops_the_run_quickly(tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a loopback port with nobody listening
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data, _ = make_dataset(tmp_path, 200)
+    started = time.monotonic()
+    result = run_capflow(f"input={data}", f"output={tmp_path / 'o.jsonl'}",
+                         f"api_url=http://127.0.0.1:{port}/v1", "model_name=m",
+                         "retry.initial_wait=0.05", cwd=tmp_path)
+    assert result.returncode == 1
+    assert time.monotonic() - started < 30
+    assert "the server cannot be reached" in result.stderr and "check api_url" in result.stderr

@@ -136,7 +136,10 @@ class OpenAIServing(Serving):
             completion = await self._client.post("/chat/completions", cast_to=object, body=body)
         except openai.APIStatusError as exc:
             raise _status_error(exc) from None
-        except openai.APITimeoutError:
+        except openai.APITimeoutError as exc:
+            # The aiohttp transport reports a refused connection as a connect "timeout".
+            if type(exc.__cause__).__name__.startswith("Connect"):
+                raise ServingError("ConnectionError", str(exc.__cause__), transient=True) from None
             raise ServingError(
                 "Timeout", f"no answer within {self.timeout:g} s", transient=True
             ) from None
