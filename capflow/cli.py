@@ -12,6 +12,15 @@ EXIT_OK, EXIT_ROWS_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 def main() -> None:
     """Entry point of the ``capflow`` console script."""
     argv = sys.argv[1:]
+    if argv[:1] in (["--version"], ["-V"]):
+        from capflow import __version__
+
+        print(f"capflow {__version__}")
+        sys.exit(EXIT_OK)
+    problem = _secret_in_arguments(argv)
+    if problem:  # before Hydra saves the overrides to disk
+        print(f"capflow: error: {problem}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
     if argv[:1] == ["plugins"]:
         try:
             sys.exit(_plugins_command())
@@ -36,15 +45,31 @@ def main() -> None:
     @hydra.main(config_path="pkg://capflow.conf", config_name="config", version_base=None)
     def job(cfg) -> None:  # noqa: ANN001 - a DictConfig
         statuses.append(_run(cfg))
+        if statuses[-1] == EXIT_INTERRUPTED:
+            raise KeyboardInterrupt  # Ctrl-C stops a whole sweep, not just its current job
 
     try:
         job()
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
     except SystemExit as exc:
         # Hydra exits 1 for a bad override or option before any job ran: that is a usage error.
         if exc.code not in (0, None) and not statuses:
             sys.exit(EXIT_ERROR)
         raise
     sys.exit(max(statuses, default=EXIT_OK))
+
+
+def _secret_in_arguments(argv: list[str]) -> str | None:
+    """A reason to refuse the command line: an API key typed where its variable's NAME goes."""
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~").endswith("key_name_of_api_key"):
+            value = value.strip("'\"")
+            if value and not value.replace("_", "").isalnum() or value.startswith("sk-"):
+                return (f"{key} must be the NAME of an environment variable holding the key"
+                        " (e.g. OPENAI_API_KEY), not the key itself")
+    return None
 
 
 def _run(cfg) -> int:  # noqa: ANN001 - a DictConfig

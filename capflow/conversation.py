@@ -57,6 +57,10 @@ def build_messages(
     if system_prompt:
         messages.append({"role": "system", "content": system_prompt})
     for n, (role, text) in enumerate(parsed):
+        if role == "system" and messages and messages[-1]["role"] == "system":
+            # One system message: many chat templates refuse two in a row.
+            messages[-1]["content"] += "\n\n" + text.strip()
+            continue
         parts: list[dict[str, Any]] = []
         if n == first_user:
             parts += [_image_part(url, image_detail) for url in leftovers]

@@ -88,21 +88,23 @@ class _SafeHooks:
 
     def __init__(self, pm: Any) -> None:
         self._pm = pm
-        self._failed: set[str] = set()
+        self._failed: set[tuple[str, str]] = set()
 
     def __getattr__(self, name: str) -> Any:
-        hook = getattr(self._pm.hook, name)
+        impls = getattr(self._pm.hook, name).get_hookimpls()
 
         def call(**kwargs: Any) -> None:
-            if name in self._failed:
-                return
-            try:
-                hook(**kwargs)
-            except Exception as exc:
-                self._failed.add(name)
-                log.warning("a plugin failed in %s (%s: %s); it is not called again this run",
-                            name, type(exc).__name__, exc)
+            for impl in impls:
+                if (impl.plugin_name, name) in self._failed:
+                    continue
+                try:
+                    impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+                except Exception as exc:
+                    self._failed.add((impl.plugin_name, name))
+                    log.warning("plugin %r failed in %s (%s: %s); it is not called again"
+                                " this run", impl.plugin_name, name, type(exc).__name__, exc)
 
+        setattr(self, name, call)  # looked up once per run, not once per row
         return call
 
 
@@ -126,8 +128,9 @@ class _Step:
         self.rules = settings.stop
         self.progress = Progress(None, enabled=False)
         self.in_flight = asyncio.Semaphore(max(1, int(self.serving.max_workers)))
-        self.started: asyncio.Task | None = None
+        self.started = False
         self.serving_key: dict[str, Any] = {}
+        self.reserved_tokens = 0  # estimated tokens of requests in flight (for budgets)
 
     def fingerprint(self) -> str:
         what = [self.storage.input_identity(), self.op.describe(), self.serving.describe()]
@@ -141,12 +144,18 @@ class _Step:
         began = time.perf_counter()
         summary, settings = self.summary, self.settings
         # A dry run reads an existing cache (to say what it would answer) but creates none.
+        if not self.dry_run:
+            # Started first: the model it resolves belongs in every cache key and fingerprint.
+            await self.serving.start()
+            self.started = True
+        self.serving_key = self.serving.describe()
         if settings.cache_path and (not self.dry_run or Path(settings.cache_path).exists()):
             self.cache = ResponseCache(Path(settings.cache_path))
         if not self.dry_run:
             self.journal = RunJournal(self.storage.journal_path(), self.fingerprint())
             summary.journal = str(self.journal.path)
         total = self.storage.count()
+        summary.total = total
         self.hook.capflow_run_start(
             run=RunInfo(
                 self.storage.input_name, self.storage.output_name, type(self.op).__name__,
@@ -168,13 +177,14 @@ class _Step:
             writer.cancel()
             self.flush()
             self.progress.close()
-            if self.started is not None and not self.started.cancelled():
+            if self.started:
                 await self.serving.close()
             if self.cache is not None:
                 summary.cache_hits = self.cache.hits
                 summary.cache_size = self.cache.size()
                 self.cache.close()
             if self.journal is not None:
+                summary.output_ok, summary.output_failed = self.journal.counts()
                 self.storage.write(self.journal.lines())
                 self.write_failed()
                 self.journal.close()
@@ -230,11 +240,11 @@ class _Step:
             request = await loop.run_in_executor(pool, self.op.prepare, row, self.storage.base_dir)
             summary.images += request.image_count
             summary.image_bytes += request.image_bytes
-            key = request_key(request, self.serving.describe()) if self.cache else None
+            key = request_key(request, self.serving_key) if self.cache else None
             response = self.cache.get(key) if key else None
             if self.dry_run:
                 summary.image_tokens += request.image_tokens
-                if len(summary.row_estimates) < _SHOWN_ESTIMATES:
+                if row.index < _SHOWN_ESTIMATES:
                     summary.row_estimates.append(
                         (row.index, request.image_count, request.image_tokens)
                     )
@@ -263,19 +273,21 @@ class _Step:
 
     async def attempt(self, request: Request) -> Response:
         """Send one request: wait for an in-flight slot and the rate limiter, then the serving."""
-        if self.started is None:
-            self.started = asyncio.ensure_future(self.serving.start())
-        try:
-            await asyncio.shield(self.started)
-        except Exception as exc:
-            self.stop(f"the serving could not start: {exc}")
-            raise _Stopped from None
         async with self.in_flight:
             if self.summary.stopped:
                 raise _Stopped
             if self.limiter.active:
                 await self.limiter.acquire(request.estimated_tokens)
+            # Budgets count what is in flight too, so the last requests cannot overshoot them.
+            reason = self.rules.before_request(
+                self.summary.prompt_tokens, self.summary.completion_tokens,
+                self.reserved_tokens + request.estimated_tokens,
+            )
+            if reason:
+                self.stop(reason)
+                raise _Stopped
             self.summary.requests += 1
+            self.reserved_tokens += request.estimated_tokens
             try:
                 response = await self.serving.complete(request)
             except ServingError as exc:
@@ -285,6 +297,8 @@ class _Step:
                 if reason:
                     self.stop(reason)
                 raise
+            finally:
+                self.reserved_tokens -= request.estimated_tokens
         self.limiter.succeeded()
         usage = response.usage
         self.limiter.correct(request.estimated_tokens,

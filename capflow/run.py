@@ -32,6 +32,7 @@ class RunSummary:
     """Counts for a finished (or stopped) run."""
 
     rows: int = 0
+    total: int | None = None  # rows in the input, when known
     done: int = 0
     failed: int = 0
     skipped: int = 0
@@ -53,8 +54,11 @@ class RunSummary:
     cache_hits: int = 0
     cache_size: int = 0
     cost: float = 0.0
+    output_ok: int = 0  # rows in the output: captioned (this run or earlier ones) ...
+    output_failed: int = 0  # ... and with an error record
 
     @property
     def ok(self) -> bool:
-        """True when no row failed and the run was not stopped early."""
-        return self.failed == 0 and self.stopped is None
+        """True when no row failed (in this run or, kept, from an earlier one) and the run was
+        not stopped early."""
+        return self.failed == 0 and self.output_failed == 0 and self.stopped is None

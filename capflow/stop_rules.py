@@ -78,12 +78,32 @@ class StopRules:
             return f"{failed} rows failed, more than max_failures={limit:g}"
         return None
 
-    def after_spend(self, prompt_tokens: int, completion_tokens: int) -> str | None:
+    def before_request(self, prompt_tokens: int, completion_tokens: int, reserved: int
+                       ) -> str | None:
+        """A reason not to send another request: the tokens spent so far plus those ``reserved``
+        by requests in flight (this one included) would pass a budget."""
+        if self.max_tokens_total is None and self.max_cost is None:
+            return None
+        # Answers are not known in advance: expect them in the proportion seen so far.
+        ratio = completion_tokens / prompt_tokens if prompt_tokens else 0.0
+        return self.after_spend(prompt_tokens + reserved,
+                                completion_tokens + int(reserved * ratio), projected=True)
+
+    def after_spend(self, prompt_tokens: int, completion_tokens: int, projected: bool = False
+                    ) -> str | None:
         """A reason to stop given the tokens spent so far, or None."""
         total = prompt_tokens + completion_tokens
-        if self.max_tokens_total is not None and total >= self.max_tokens_total:
-            return f"token budget reached: {total} >= max_tokens_total={self.max_tokens_total}"
         spent = self.cost(prompt_tokens, completion_tokens)
-        if self.max_cost is not None and spent >= self.max_cost:
-            return f"cost budget reached: {spent:.4f} >= max_cost={self.max_cost:g}"
+        # Sending stops before a request could pass the budget, and once it is reached.
+        tokens_over = self.max_tokens_total is not None and (
+            total > self.max_tokens_total if projected else total >= self.max_tokens_total
+        )
+        cost_over = self.max_cost is not None and (
+            spent > self.max_cost if projected else spent >= self.max_cost
+        )
+        if tokens_over:
+            return (f"the token budget max_tokens_total={self.max_tokens_total} is spent"
+                    " (each run has its own budget)")
+        if cost_over:
+            return f"the budget max_cost={self.max_cost:g} is spent (each run has its own budget)"
         return None

@@ -9,47 +9,56 @@ from capflow.run import RunSummary
 _SHOWN_FAILURES = 5
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def format_summary(s: RunSummary) -> str:
     """Render ``s`` for a terminal."""
     title = "dry run" if s.dry_run else ("stopped" if s.stopped else "finished")
     lines = [f"capflow {title} in {s.elapsed:.1f} s"]
+    of_total = f" of {s.total}" if s.total is not None else ""
     if s.dry_run:
         lines += [
-            f"  rows      {s.rows}: {s.done} ready, {s.failed} would fail",
+            f"  rows      {s.rows}{of_total}: {s.done} ready, {s.failed} would fail",
             f"  requests  {s.requests} to send ({s.cache_hits} answered by the cache), none sent;"
-            f" {s.images} images,"
-            f" {s.image_bytes / 1e6:.2f} MB of image data",
+            f" {_plural(s.images, 'image')}, {s.image_bytes / 1e6:.2f} MB of image data",
+            f"  tokens    ~{s.image_tokens} image tokens in all (estimated)",
         ]
-        lines.append(f"  tokens    ~{s.image_tokens} image tokens in all (estimated)")
         for index, images, tokens in sorted(s.row_estimates):
-            lines.append(f"    row {index}: {images} images, ~{tokens} image tokens")
+            lines.append(f"    row {index}: {_plural(images, 'image')}, ~{tokens} image tokens")
         if s.rows > len(s.row_estimates):
             lines.append("    ...")
         if s.example:
             lines.append("  first request:")
             lines += [f"    {line}" for line in _describe_messages(s.example)]
     else:
-        lines.append(
-            f"  rows      {s.rows}: {s.done} done, {s.failed} failed,"
-            f" {s.skipped} skipped (already done)"
-        )
-    if not s.dry_run:
+        unfinished = s.rows - s.done - s.failed - s.skipped
+        if s.total is not None:
+            unfinished = s.total - s.done - s.failed - s.skipped
         rate = s.requests / s.elapsed if s.elapsed > 0 else 0.0
         lines += [
+            f"  rows      {s.rows}{of_total}: {s.done} done, {s.failed} failed,"
+            f" {s.skipped} skipped (already done)"
+            + (f", {unfinished} not finished" if unfinished > 0 else ""),
             f"  requests  {s.requests} sent, {s.retries} retries, {rate:.1f}/s;"
             f" {s.cache_hits} answered by the cache ({s.cache_size} stored)",
             f"  tokens    {s.prompt_tokens} prompt + {s.completion_tokens} completion"
             f" = {s.prompt_tokens + s.completion_tokens}"
             + (f", cost {s.cost:.4f}" if s.cost else ""),
-            f"  output    {s.output}",
+            f"  output    {s.output}: {s.output_ok} captioned, {s.output_failed} failed",
         ]
         if s.stopped:
             lines.append(f"  stopped   {s.stopped}")
-            lines.append("            run the same command again to continue")
-    for index, error in s.failures[:_SHOWN_FAILURES]:
+            lines.append("            rows not finished are left for the next run of this command")
+    failures = sorted(s.failures)[:_SHOWN_FAILURES]
+    for index, error in failures:
         lines.append(f"  failed    row {index}: {error['type']}: {error['message']}")
-    if s.failed > _SHOWN_FAILURES:
-        lines.append(f"  ...       {s.failed - _SHOWN_FAILURES} more failed rows (see _error)")
+    more = s.failed - len(failures)
+    if more > 0 and s.dry_run:
+        lines.append(f"  ...       {more} more rows would fail")
+    elif more > 0:
+        lines.append(f"  ...       {more} more failed rows (see their _error records)")
     return "\n".join(lines)
 
 

@@ -173,3 +173,40 @@ def test_an_unknown_option_is_a_usage_error(tmp_path):
     result = run_capflow("serving=nope", cwd=tmp_path)
     assert result.returncode == 2
     assert "Could not find 'serving/nope'" in result.stderr
+
+
+def test_version(tmp_path):
+    result = run_capflow("--version", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("capflow 0.")
+
+
+def test_a_key_typed_as_the_key_name_is_refused_before_anything_is_saved(tmp_path):
+    result = run_capflow("key_name_of_api_key=sk-abc123def456", "dry_run=true", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "must be the NAME of an environment variable" in result.stderr
+    assert "sk-abc123def456" not in result.stderr
+    assert not list(tmp_path.rglob("*.yaml"))
+
+
+def test_output_must_be_json_or_jsonl(tmp_path):
+    result = run_capflow("output=out.txt", "dry_run=true", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "capflow: error: output must end in .json or .jsonl: out.txt"
+
+
+def test_start_up_errors_are_one_line_configuration_errors(tmp_path):
+    from capflow.testing.server import FakeOpenAIServer
+
+    data, _ = make_dataset(tmp_path, 2)
+    with FakeOpenAIServer(models=["a", "b"]) as server:
+        several = run_capflow(f"input={data}", f"api_url={server.base_url}", cwd=tmp_path)
+    with FakeOpenAIServer(api_key="right") as server:
+        refused = run_capflow(f"input={data}", f"api_url={server.base_url}", cwd=tmp_path,
+                              env={"CAPFLOW_API_KEY": "wrong"})
+    assert several.returncode == refused.returncode == 2
+    assert several.stderr.strip() == (
+        "capflow: error: model_name is not set and the server offers a, b: set one"
+    )
+    assert refused.stderr.strip() == (
+        "capflow: error: the server refused the API key: Incorrect API key provided"
+    )

@@ -25,11 +25,10 @@ def test_roles_are_kept():
         {"role": "assistant", "content": "a2"},
     ]
     messages = build_messages(turns, ["img"], system_prompt="P")
-    assert [m["role"] for m in messages] == [
-        "system", "system", "user", "assistant", "user", "assistant"
-    ]
-    assert _kinds(messages[2]) == ["img", "text:q1"]  # the image goes to the first user turn
-    assert _kinds(messages[4]) == ["text:q2"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert messages[0]["content"] == "P\n\nS"  # the prompt's and the row's, as one message
+    assert _kinds(messages[1]) == ["img", "text:q1"]  # the image goes to the first user turn
+    assert _kinds(messages[3]) == ["text:q2"]
 
 
 def test_conversation_ending_with_an_assistant_turn_still_carries_its_image():

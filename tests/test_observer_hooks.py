@@ -71,4 +71,5 @@ def test_a_failing_observer_never_stops_the_run(server, tmp_path, caplog):
     finally:
         pm.unregister(name="broken-observer")
     assert summary.done == 5 and observer.calls == 1
-    assert "a plugin failed in capflow_row_finished (RuntimeError: observer bug)" in caplog.text
+    assert ("plugin 'broken-observer' failed in capflow_row_finished (RuntimeError: observer bug)"
+            in caplog.text)

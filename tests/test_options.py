@@ -98,3 +98,18 @@ def test_progress_bar_on_a_terminal_and_progress_false(server, tmp_path):
             "model_name=m"]
     assert "5/5" in _run_on_a_terminal(args, tmp_path)
     assert "5/5" not in _run_on_a_terminal([*args, "progress=false"], tmp_path)
+
+
+def test_generation_parameters_from_the_command_line(server, tmp_path):
+    data, _ = make_dataset(tmp_path, 1)
+    result = run_capflow(f"input={data}", f"output={tmp_path / 'o.jsonl'}",
+                         f"api_url={server.base_url}", "model_name=m", "serving.temperature=0.3",
+                         "serving.max_tokens=64", "serving.top_p=0.5", "serving.seed=11",
+                         "serving.extra_body={top_k: 5}", "serving.send_request_stream=true",
+                         cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert server.requests[0].params == {
+        "temperature": 0.3, "max_tokens": 64, "top_p": 0.5, "seed": 11, "top_k": 5,
+        "stream_options": {"include_usage": True},
+    }
+    assert server.requests[0].stream

@@ -119,8 +119,10 @@ def test_token_budget_stops_the_run_and_a_rerun_continues(server, tmp_path):
     args = _args(server, data, tmp_path / "o.jsonl", "max_workers=1")
     result = run_capflow(*args, "max_tokens_total=500", cwd=tmp_path)
     assert result.returncode == 1
-    assert "token budget reached" in result.stdout
+    assert "the token budget max_tokens_total=500 is spent" in result.stdout
     assert 1 <= len(server.requests) < 40
+    spent = int(result.stdout.split(" completion = ")[1].split()[0].rstrip(","))
+    assert spent <= 500  # requests that could pass the budget are not sent
     again = run_capflow(*args, cwd=tmp_path)
     assert again.returncode == 0
     _check_captions(tmp_path, rows, read_rows(tmp_path / "o.jsonl"))
@@ -132,8 +134,9 @@ def test_cost_budget_uses_the_prices(server, tmp_path):
     result = run_capflow(*_args(server, data, tmp_path / "o.jsonl", "max_workers=1",
                                 "max_cost=0.002", "price.prompt_per_million=2.0",
                                 "price.completion_per_million=8.0"), cwd=tmp_path)
-    assert result.returncode == 1 and "cost budget reached" in result.stdout
-    assert ", cost 0.002" in result.stdout
+    assert result.returncode == 1 and "the budget max_cost=0.002 is spent" in result.stdout
+    cost = float(result.stdout.split(", cost ")[1].split()[0])
+    assert 0.001 < cost <= 0.002
 
 
 def test_failed_rows_are_retried_on_rerun_unless_told_otherwise(tmp_path):
@@ -239,3 +242,22 @@ def test_an_unreachable_server_stops_the_run_quickly(tmp_path):
     assert result.returncode == 1
     assert time.monotonic() - started < 30
     assert "the server cannot be reached" in result.stderr and "check api_url" in result.stderr
+
+
+def test_ctrl_c_stops_a_whole_sweep(tmp_path):
+    data, _ = make_dataset(tmp_path, 60)
+    with FakeOpenAIServer(latency=0.2) as server:
+        proc = subprocess.Popen(
+            [CAPFLOW, "-m", "prompt=concise,detailed",
+             *_args(server, data, "o.jsonl", "max_workers=2")],
+            cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+        )
+        deadline = time.monotonic() + 30
+        while _ok(server) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        systems = {r.system for r in server.requests if r.system}  # abandoned ones have none
+    assert proc.returncode == 130
+    assert out.count("capflow stopped") == 1
+    assert len(systems) == 1  # the second job never started

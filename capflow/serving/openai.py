@@ -101,13 +101,20 @@ class OpenAIServing(Serving):
             self.model_name = await self._only_model()
 
     async def _only_model(self) -> str:
+        import openai
+
         try:
             models = [m.id async for m in self._client.models.list()]
-        except Exception as exc:
+        except openai.AuthenticationError as exc:
+            raise ConfigError(f"the server refused the API key: {_server_message(exc)}") from None
+        except openai.APIStatusError as exc:
             raise ConfigError(
-                f"model_name is not set and {self.api_url}/models could not be listed "
-                f"({_describe(exc)}); set model_name=..."
+                f"model_name is not set and {self.api_url}/models answered"
+                f" HTTP {exc.status_code}: {_server_message(exc)}; set model_name=..."
             ) from None
+        except openai.APIError as exc:
+            reason = str(exc.__cause__ or exc).splitlines()[0]
+            raise ConfigError(f"cannot reach {self.api_url}: {reason}") from None
         if len(models) != 1:
             shown = ", ".join(models[:10]) or "none"
             raise ConfigError(f"model_name is not set and the server offers {shown}: set one")

@@ -60,6 +60,8 @@ class FileStorage(Storage):
         view.__dict__.update(self.__dict__)
         self._step += 1
         view._step = self._step
+        if output and Path(str(output)).suffix.lower() not in (".json", ".jsonl"):
+            raise ConfigError(f"output must end in .json or .jsonl: {output}")
         view._output = str(output) if output else None
         return view
 
