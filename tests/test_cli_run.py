@@ -210,3 +210,14 @@ def test_start_up_errors_are_one_line_configuration_errors(tmp_path):
     assert refused.stderr.strip() == (
         "capflow: error: the server refused the API key: Incorrect API key provided"
     )
+
+
+def test_a_sweep_with_a_fixed_folder_resumes(server, tmp_path):
+    data, _ = make_dataset(tmp_path, 4)
+    args = ["-m", "prompt=concise,detailed", "hydra.sweep.dir=sweeps/s", "cache.enabled=false",
+            *_common(server, data, Path("out.jsonl"))]
+    assert run_capflow(*args, cwd=tmp_path).returncode == 0
+    again = run_capflow(*args, cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.count("4 skipped (already done)") == 2
+    assert len(server.requests) == 8
+    assert len(read_rows(tmp_path / "sweeps" / "s" / "1" / "out.jsonl")) == 4
