@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 ERROR_KEY = "_error"
 _SHOWN_ESTIMATES = 10
+_COMMIT_WINDOW = 0.02  # seconds: at most this much finished work waits for its commit
 
 
 @dataclass
@@ -338,9 +339,10 @@ class _Step:
         self.hook.capflow_row_finished(result=RowResult(row.index, line, error))
 
     async def write_loop(self) -> None:
-        # Group commit: rows finishing together share one transaction.
+        # Group commit: rows finishing within a few milliseconds share one transaction.
         while True:
             await self.wake_writer.wait()
+            await asyncio.sleep(_COMMIT_WINDOW)
             self.wake_writer.clear()
             self.flush()
 

@@ -128,7 +128,11 @@ class ImagePreparer:
         path = Path(ref).expanduser()
         if not path.is_absolute():
             path = base_dir / path
-        resolved = path.resolve()  # follows symlinks: a link out of the root is refused too
+        # The folder's real path is cached; the file itself costs one lstat, and a symlink is
+        # followed to its target, so a link out of the root is refused too.
+        resolved = _resolved(path.parent) / path.name
+        if resolved.is_symlink():
+            resolved = resolved.resolve()
         if not resolved.is_relative_to(root):
             raise RowError(
                 "ImageOutsideRoot",
@@ -206,7 +210,7 @@ class ImagePreparer:
         return _encode(_web_mode(frame, pil_format), pil_format, mime, self.quality, len(data))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=4096)
 def _resolved(folder: Path) -> Path:
     return folder.resolve()
 

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from conftest import expected_caption, make_dataset, make_image, read_rows, run_capflow
 
 
@@ -96,14 +97,16 @@ def test_sweep_runs_one_job_per_prompt_with_its_own_output(server, tmp_path):
         assert "prompt=concise" in prompt or "prompt=detailed" in prompt
 
 
-def test_api_key_is_sent_but_never_written(tmp_path):
+@pytest.mark.parametrize("transport", ["aiohttp", "sdk"])
+def test_api_key_is_sent_but_never_written(tmp_path, transport):
     from capflow.testing.server import FakeOpenAIServer
 
     key = "sk-test-" + os.urandom(12).hex()
     data, _ = make_dataset(tmp_path, 3)
     with FakeOpenAIServer(api_key=key) as server:
         result = run_capflow(
-            *_common(server, data, tmp_path / "out.jsonl", "key_name_of_api_key=MY_VLM_KEY"),
+            *_common(server, data, tmp_path / "out.jsonl", "key_name_of_api_key=MY_VLM_KEY",
+                     f"serving.transport={transport}"),
             "hydra.job_logging.root.level=DEBUG", cwd=tmp_path, env={"MY_VLM_KEY": key},
         )
         assert result.returncode == 0, result.stderr

@@ -232,7 +232,7 @@ def test_dry_run_reports_estimated_image_tokens_per_row_and_in_total(tmp_path):
     big = estimate_image_tokens(1024, 1024, None)
     small = estimate_image_tokens(32, 24, None)
     assert big == 765 and small == 255
-    assert f"row 0: 1 images, ~{big} image tokens" in result.stdout
+    assert f"row 0: 1 image, ~{big} image tokens" in result.stdout
     assert f"row 1: 2 images, ~{2 * small} image tokens" in result.stdout
     assert f"~{big + 2 * small} image tokens in all" in result.stdout
 

@@ -19,6 +19,12 @@ from capflow.testing.server import FakeOpenAIServer
 FAST_RETRY = RetryPolicy(max_attempts=8, initial_wait=0.01, max_wait=0.2)
 
 
+@pytest.fixture(params=["aiohttp", "sdk"])
+def transport(request) -> str:
+    """Every serving test runs over both transports."""
+    return request.param
+
+
 def _run(tmp_path, server, n=20, settings=None, **serving_args):
     data, rows = make_dataset(tmp_path, n)
     serving_args.setdefault("model_name", "m")
@@ -49,19 +55,20 @@ def _all_captioned(tmp_path, rows, written):
     ],
     ids=["429", "5xx", "malformed", "empty-choices", "reset", "hang"],
 )
-def test_transient_faults_are_retried_until_every_row_is_captioned(tmp_path, faults):
+def test_transient_faults_are_retried_until_every_row_is_captioned(tmp_path, faults, transport):
     with FakeOpenAIServer(faults=faults) as server:
-        summary, rows, written = _run(tmp_path, server, timeout=0.5)
+        summary, rows, written = _run(tmp_path, server, transport=transport, timeout=0.5)
         _all_captioned(tmp_path, rows, written)
     injected = sum(server.stats()["faults"].values())  # hangs are counted once abandoned
     assert injected > 0 and summary.retries >= injected and summary.failed == 0
 
 
-def test_retries_are_bounded_and_the_row_records_the_last_error(tmp_path):
+def test_retries_are_bounded_and_the_row_records_the_last_error(tmp_path, transport):
     policy = RetryPolicy(max_attempts=3, initial_wait=0.01, max_wait=0.05)
     with FakeOpenAIServer(faults=FaultConfig(rate_503=1.0)) as server:
         summary, _, written = _run(
-            tmp_path, server, n=4, settings=EngineSettings(retry=policy, report=False)
+            tmp_path, server, transport=transport, n=4,
+            settings=EngineSettings(retry=policy, report=False),
         )
         assert len(server.requests) == 4 * 3
     assert summary.failed == 4 and summary.retries == 4 * 2
@@ -70,18 +77,19 @@ def test_retries_are_bounded_and_the_row_records_the_last_error(tmp_path):
     assert "caption" not in written[0]
 
 
-def test_retry_after_is_honoured(tmp_path):
+def test_retry_after_is_honoured(tmp_path, transport):
     faults = FaultConfig(rate_429=1.0, retry_after=0.3)
     policy = RetryPolicy(max_attempts=2, initial_wait=0.001, max_wait=5)
     with FakeOpenAIServer(faults=faults) as server:
-        summary, _, _ = _run(tmp_path, server, n=1,
+        summary, _, _ = _run(tmp_path, server, transport=transport, n=1,
                              settings=EngineSettings(retry=policy, report=False))
     assert summary.elapsed >= 0.3 and summary.failed == 1
 
 
-def test_client_errors_fail_at_once_with_the_servers_message(tmp_path):
+def test_client_errors_fail_at_once_with_the_servers_message(tmp_path, transport):
     with FakeOpenAIServer(models=["real-model"]) as server:
-        summary, _, written = _run(tmp_path, server, n=3, model_name="no-such-model")
+        summary, _, written = _run(tmp_path, server, transport=transport, n=3,
+                                   model_name="no-such-model")
         assert len(server.requests) == 3
     assert summary.failed == 3 and summary.retries == 0
     assert written[0]["_error"] == {
@@ -91,40 +99,43 @@ def test_client_errors_fail_at_once_with_the_servers_message(tmp_path):
     }
 
 
-def test_generation_parameters_and_extra_body_reach_the_server(tmp_path, server):
-    _run(tmp_path, server, n=2, temperature=0.2, max_tokens=50, top_p=0.9, seed=7,
-         extra_body={"top_k": 20})
+def test_generation_parameters_and_extra_body_reach_the_server(tmp_path, server, transport):
+    _run(tmp_path, server, transport=transport, n=2, temperature=0.2, max_tokens=50, top_p=0.9,
+         seed=7, extra_body={"top_k": 20})
     assert server.requests[0].params == {
         "temperature": 0.2, "max_tokens": 50, "top_p": 0.9, "seed": 7, "top_k": 20
     }
 
 
-def test_streamed_answers_are_joined(tmp_path, server):
-    summary, rows, written = _run(tmp_path, server, n=3, send_request_stream=True)
+def test_streamed_answers_are_joined(tmp_path, server, transport):
+    summary, rows, written = _run(tmp_path, server, transport=transport, n=3,
+                                  send_request_stream=True)
     _all_captioned(tmp_path, rows, written)
     assert all(r.stream for r in server.requests)
     assert summary.completion_tokens > 0
 
 
-def test_unset_model_uses_the_servers_only_model(tmp_path):
+def test_unset_model_uses_the_servers_only_model(tmp_path, transport):
     with FakeOpenAIServer(models=["only-model"]) as server:
-        _, rows, written = _run(tmp_path, server, n=2, model_name=None)
+        _, rows, written = _run(tmp_path, server, transport=transport, n=2, model_name=None)
         assert {r.model for r in server.requests} == {"only-model"}
     _all_captioned(tmp_path, rows, written)
 
 
-def test_unset_model_with_several_on_offer_is_a_config_error(tmp_path):
+def test_unset_model_with_several_on_offer_is_a_config_error(tmp_path, transport):
     with FakeOpenAIServer(models=["a", "b"]) as server:
-        serving = OpenAIServing(api_url=server.base_url)
+        serving = OpenAIServing(api_url=server.base_url, transport=transport)
         with pytest.raises(ConfigError, match="the server offers a, b"):
             asyncio.run(serving.start())
 
 
-def test_no_key_needed_for_a_keyless_server(tmp_path, server, monkeypatch):
+def test_no_key_needed_for_a_keyless_server(tmp_path, server, monkeypatch, transport):
     monkeypatch.delenv("CAPFLOW_API_KEY", raising=False)
-    summary, _, _ = _run(tmp_path, server, n=1)
+    summary, _, _ = _run(tmp_path, server, transport=transport, n=1)
     assert summary.done == 1
-    assert server.requests[0].headers["Authorization"] == "Bearer no-key"
+    # The SDK insists on sending some key; the lean client sends none.
+    expected = {"Authorization": "Bearer no-key"} if transport == "sdk" else {}
+    assert server.requests[0].headers == expected
 
 
 def test_max_workers_bounds_requests_in_flight(tmp_path):

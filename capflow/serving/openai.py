@@ -1,4 +1,4 @@
-"""OpenAIServing: any OpenAI-compatible chat-completions API, through the official SDK."""
+"""OpenAIServing: any OpenAI-compatible chat-completions API."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ from capflow.serving.base import Serving
 
 log = logging.getLogger(__name__)
 
-# Statuses worth another try: rate limits, timeouts and server-side failures.
-_TRANSIENT_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
-_NO_KEY = "no-key"  # the SDK insists on some key; keyless local servers ignore it
+TRANSPORTS = ("aiohttp", "sdk")
 
 
 class OpenAIServing(Serving):
@@ -32,6 +30,8 @@ class OpenAIServing(Serving):
     :param seed: sampling seed, for servers that support it.
     :param extra_body: more JSON fields for the request body, passed through as they are.
     :param send_request_stream: receive the answer as a stream of chunks.
+    :param transport: ``aiohttp``, a lean client for the protocol (the default: least CPU per
+        request, fastest start), or ``sdk``, the official ``openai`` SDK's async client.
     """
 
     def __init__(
@@ -47,17 +47,21 @@ class OpenAIServing(Serving):
         seed: int | None = None,
         extra_body: dict[str, Any] | None = None,
         send_request_stream: bool = False,
+        transport: str = "aiohttp",
     ) -> None:
         if int(max_workers) < 1:
             raise ConfigError(f"max_workers must be at least 1, not {max_workers}")
         if float(timeout) <= 0:
             raise ConfigError(f"timeout must be positive, not {timeout}")
+        if transport not in TRANSPORTS:
+            raise ConfigError(f"serving.transport must be one of {TRANSPORTS}, not {transport!r}")
         self.api_url = str(api_url) if api_url else None
         self.key_name_of_api_key = key_name_of_api_key
         self.model_name = model_name
         self.max_workers = int(max_workers)
         self.timeout = float(timeout)
         self.send_request_stream = bool(send_request_stream)
+        self.transport = transport
         params = {
             "temperature": temperature, "max_tokens": max_tokens, "top_p": top_p, "seed": seed
         }
@@ -79,42 +83,39 @@ class OpenAIServing(Serving):
         return None
 
     async def start(self) -> None:
-        import openai  # imported here: dry runs and --help never pay for the SDK
-
+        if not self.api_url:
+            raise ConfigError("serving.api_url is not set (e.g. api_url=http://127.0.0.1:8000/v1)")
         key = os.environ.get(self.key_name_of_api_key) if self.key_name_of_api_key else None
         if not key:
             log.info(
                 "environment variable %s is not set: sending requests without an API key",
                 self.key_name_of_api_key,
             )
-        limits = type(openai.DEFAULT_CONNECTION_LIMITS)(
-            max_connections=self.max_workers, max_keepalive_connections=self.max_workers
-        )
-        self._client = openai.AsyncOpenAI(
-            base_url=self.api_url,
-            api_key=key or _NO_KEY,
-            timeout=self.timeout,
-            max_retries=0,  # capflow's engine retries, with its own policy
-            http_client=openai.DefaultAioHttpClient(timeout=self.timeout, limits=limits),
-        )
+        if self.transport == "sdk":
+            from capflow.serving._sdk_transport import SDKTransport as transport
+        else:
+            from capflow.serving._aiohttp_transport import AiohttpTransport as transport
+        self._client = transport(self.api_url, key, self.timeout, self.max_workers)
         if not self.model_name:
-            self.model_name = await self._only_model()
+            try:
+                self.model_name = await self._only_model()
+            except ConfigError:
+                await self.close()
+                raise
 
     async def _only_model(self) -> str:
-        import openai
-
         try:
-            models = [m.id async for m in self._client.models.list()]
-        except openai.AuthenticationError as exc:
-            raise ConfigError(f"the server refused the API key: {_server_message(exc)}") from None
-        except openai.APIStatusError as exc:
-            raise ConfigError(
-                f"model_name is not set and {self.api_url}/models answered"
-                f" HTTP {exc.status_code}: {_server_message(exc)}; set model_name=..."
-            ) from None
-        except openai.APIError as exc:
-            reason = str(exc.__cause__ or exc).splitlines()[0]
-            raise ConfigError(f"cannot reach {self.api_url}: {reason}") from None
+            models = await self._client.list_models()
+        except ServingError as exc:
+            if exc.kind == "AuthenticationError":
+                reason = str(exc).split(": ", 1)[-1]
+                raise ConfigError(f"the server refused the API key: {reason}") from None
+            if exc.status is not None:
+                raise ConfigError(
+                    f"model_name is not set and {self.api_url}/models answered {exc};"
+                    " set model_name=..."
+                ) from None
+            raise ConfigError(f"cannot reach {self.api_url}: {exc}") from None
         if len(models) != 1:
             shown = ", ".join(models[:10]) or "none"
             raise ConfigError(f"model_name is not set and the server offers {shown}: set one")
@@ -127,52 +128,11 @@ class OpenAIServing(Serving):
             self._client = None
 
     async def complete(self, request: Request) -> Response:
-        import openai
-
-        try:
-            if self.send_request_stream:
-                kwargs: dict[str, Any] = {"model": self.model_name, "messages": request.messages}
-                kwargs.update(self.params)
-                if self.extra_body:
-                    kwargs["extra_body"] = self.extra_body
-                return await self._complete_streamed(kwargs)
-            # The SDK's generic post: its auth, transport and error mapping, without walking
-            # every message (and its base64 images) through the typed-parameter transform.
-            body = {"model": self.model_name, "messages": request.messages, **self.params,
-                    **self.extra_body}
-            completion = await self._client.post("/chat/completions", cast_to=object, body=body)
-        except openai.APIStatusError as exc:
-            raise _status_error(exc) from None
-        except openai.APITimeoutError as exc:
-            # The aiohttp transport reports a refused connection as a connect "timeout".
-            if type(exc.__cause__).__name__.startswith("Connect"):
-                raise ServingError("ConnectionError", str(exc.__cause__), transient=True) from None
-            raise ServingError(
-                "Timeout", f"no answer within {self.timeout:g} s", transient=True
-            ) from None
-        except openai.APIConnectionError as exc:
-            raise ServingError("ConnectionError", _describe(exc), transient=True) from None
-        except (openai.APIResponseValidationError, ValueError) as exc:
-            raise ServingError(
-                "BadResponse", f"unreadable response: {exc}", transient=True
-            ) from None
-        return _parse_completion(completion)
-
-    async def _complete_streamed(self, kwargs: dict[str, Any]) -> Response:
-        stream = await self._client.chat.completions.create(
-            stream=True, stream_options={"include_usage": True}, **kwargs
-        )
-        parts: list[str] = []
-        usage, finish, model = Usage(), None, None
-        async for chunk in stream:
-            model = chunk.model or model
-            if chunk.usage:
-                usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-            for choice in chunk.choices or ():
-                if choice.delta and choice.delta.content:
-                    parts.append(choice.delta.content)
-                finish = choice.finish_reason or finish
-        return Response("".join(parts), usage, finish, model)
+        body = {"model": self.model_name, "messages": request.messages, **self.params,
+                **self.extra_body}
+        if self.send_request_stream:
+            return await self._client.chat_stream(body)
+        return _parse_completion(await self._client.chat(body))
 
 
 def _parse_completion(completion: Any) -> Response:
@@ -195,39 +155,3 @@ def _parse_completion(completion: Any) -> Response:
         finish_reason=finish,
         model=completion.get("model"),
     )
-
-
-def _describe(exc: BaseException) -> str:
-    cause = exc.__cause__ or exc.__context__
-    return f"{exc}: {cause}" if cause and str(cause) else str(exc)
-
-
-def _status_error(exc: Any) -> ServingError:
-    status = exc.status_code
-    message = _server_message(exc)
-    retry_after = None
-    header = exc.response.headers.get("retry-after") if exc.response is not None else None
-    if header:
-        try:
-            retry_after = max(0.0, float(header))
-        except ValueError:
-            retry_after = None
-    kind = {
-        400: "BadRequest", 401: "AuthenticationError", 403: "PermissionDenied",
-        404: "NotFound", 422: "Unprocessable", 429: "RateLimited",
-    }.get(status, "ServerError" if status >= 500 else f"HTTP{status}")
-    return ServingError(
-        kind, f"HTTP {status}: {message}", transient=status in _TRANSIENT_STATUS,
-        retry_after=retry_after, status=status,
-    )
-
-
-def _server_message(exc: Any) -> str:
-    body = getattr(exc, "body", None)
-    if isinstance(body, dict):
-        err = body.get("error", body)
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-        if isinstance(err, str):
-            return err
-    return str(getattr(exc, "message", exc))

@@ -1,0 +1,113 @@
+"""A lean aiohttp client for the chat-completions protocol (``serving.transport=aiohttp``).
+
+It speaks the same HTTP and JSON as the official SDK, with one connection pool sized to the
+requests in flight and nothing else per request: a fraction of the SDK's CPU cost per request,
+which is what bounds throughput at hundreds of requests in flight, and no SDK import at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+
+from capflow.errors import ServingError
+from capflow.request import Response, Usage
+from capflow.serving._errors import server_message, status_error
+
+
+class AiohttpTransport:
+    """Chat completions over one ``aiohttp.ClientSession``."""
+
+    def __init__(self, api_url: str, key: str | None, timeout: float, connections: int) -> None:
+        self.base = api_url.rstrip("/")
+        self.timeout = timeout
+        self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if key:
+            self.headers["Authorization"] = f"Bearer {key}"
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=connections, limit_per_host=0),
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            json_serialize=json.dumps,
+        )
+
+    async def list_models(self) -> list[str]:
+        """The ids the server's ``/models`` lists."""
+        try:
+            async with self._session.get(f"{self.base}/models", headers=self.headers) as resp:
+                data = await self._json(resp)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise self._error(exc) from None
+        return [m["id"] for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
+
+    async def chat(self, body: dict[str, Any]) -> Any:
+        """POST ``body`` to ``/chat/completions``; the parsed JSON answer."""
+        payload = json.dumps(body, ensure_ascii=False).encode()
+        try:
+            async with self._session.post(f"{self.base}/chat/completions", data=payload,
+                                          headers=self.headers) as resp:
+                return await self._json(resp)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise self._error(exc) from None
+
+    async def chat_stream(self, body: dict[str, Any]) -> Response:
+        """POST ``body`` with ``stream: true``; the answer joined from its server-sent events."""
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        parts: list[str] = []
+        usage, finish, model = Usage(), None, None
+        try:
+            async with self._session.post(f"{self.base}/chat/completions", json=body,
+                                          headers=self.headers) as resp:
+                if resp.status >= 400:
+                    await self._json(resp)  # raises the status error
+                async for raw in resp.content:
+                    line = raw.strip()
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    model = chunk.get("model") or model
+                    if chunk.get("usage"):
+                        u = chunk["usage"]
+                        usage = Usage(u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0)
+                    for choice in chunk.get("choices") or ():
+                        content = (choice.get("delta") or {}).get("content")
+                        if content:
+                            parts.append(content)
+                        finish = choice.get("finish_reason") or finish
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            raise self._error(exc) from None
+        return Response("".join(parts), usage, finish, model)
+
+    async def _json(self, resp: aiohttp.ClientResponse) -> Any:
+        text = await resp.read()
+        try:
+            data = json.loads(text) if text else None
+        except ValueError:
+            data = None
+            if resp.status < 400:
+                raise ServingError("BadResponse", "response body is not JSON",
+                                   transient=True) from None
+        if resp.status >= 400:
+            fallback = text[:200].decode(errors="replace") or resp.reason or ""
+            raise status_error(resp.status, server_message(data, fallback),
+                               resp.headers.get("Retry-After"))
+        return data
+
+    def _error(self, exc: Exception) -> ServingError:
+        if isinstance(exc, ServingError):
+            return exc
+        if isinstance(exc, asyncio.TimeoutError):
+            return ServingError("Timeout", f"no answer within {self.timeout:g} s", transient=True)
+        if isinstance(exc, aiohttp.ClientConnectionError):
+            return ServingError("ConnectionError", str(exc) or type(exc).__name__,
+                                transient=True)
+        return ServingError("BadResponse", f"unreadable response: {exc}", transient=True)
+
+    async def close(self) -> None:
+        """Close the session's connections."""
+        await self._session.close()
