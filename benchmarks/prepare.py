@@ -1,0 +1,129 @@
+"""The prepare scenario: how fast capflow readies big photos, and how many bytes it would send.
+
+200 synthetic 4000x3000 JPEG photos (quality 90, with shapes, texture and sensor noise, so
+they compress like real ones) are made once and cached. capflow's dry run over them is
+compared with this machine's bare Pillow decode rate on all cores, with ``draft`` (the JPEG
+decoder scaling by 1/2 as it decodes) and naively (full decode, then resize by 1/2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageChops, ImageDraw
+
+from benchmarks.context import Context
+from benchmarks.harness import capflow_command, run_measured
+from benchmarks.report import ScenarioResult, at_least, at_most, check, info
+
+SIZE = (4000, 3000)
+QUALITY = 90
+
+
+def make_photo(path: Path, seed: int) -> None:
+    """Write a photo-like JPEG: smooth colour regions, shapes, texture, grain."""
+    rng = np.random.default_rng(seed)
+    w, h = SIZE
+    base = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+    base = base.resize(SIZE, Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(base)
+    for _ in range(40):  # objects with hard edges
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        dx, dy = (int(v) for v in rng.integers(20, 900, 2))
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape((x, y, x + dx, y + dy), fill=fill)
+    photo = base
+    for scale, sigma in ((24, 20.0), (3, 10.0)):  # surface texture at two scales
+        field = rng.normal(128, sigma, (h // scale, w // scale, 3)).clip(0, 255)
+        layer = Image.fromarray(field.astype(np.uint8)).resize(SIZE, Image.Resampling.BILINEAR)
+        photo = ImageChops.add(photo, layer, offset=-128)
+    grain = Image.fromarray(rng.integers(124, 133, (h, w, 3), dtype=np.uint8))  # sensor noise
+    tmp = path.with_name(path.name + ".tmp")
+    ImageChops.add(photo, grain, offset=-128).save(tmp, "JPEG", quality=QUALITY)
+    tmp.rename(path)
+
+
+def _make_photo(args: tuple[Path, int]) -> None:
+    make_photo(*args)
+
+
+def photos(cache_root: Path, count: int) -> Path:
+    """A dataset of ``count`` photos (made on first use, on all cores); returns its JSON."""
+    folder = cache_root / f"photos-{SIZE[0]}x{SIZE[1]}-q{QUALITY}"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"photo_{i:03d}.jpg" for i in range(count)]
+    missing = [(p, i) for i, p in enumerate(paths) if not p.exists()]
+    if missing:
+        print(f"   (making {len(missing)} photos in {folder}, once)", flush=True)
+        with Pool(os.cpu_count()) as pool:
+            pool.map(_make_photo, missing, chunksize=1)
+    data = folder / f"data-{count}.json"
+    rows = [{"id": f"{i:06d}", "image": [f"./{p.name}"]} for i, p in enumerate(paths)]
+    data.write_text(json.dumps(rows, indent=1))
+    return data
+
+
+def decode_draft(path: Path) -> None:
+    """Decode a JPEG at half size, letting the decoder scale (``Image.draft``)."""
+    with Image.open(path) as img:
+        img.draft("RGB", (img.width // 2, img.height // 2))
+        img.load()
+
+
+def decode_naive(path: Path) -> None:
+    """Decode a JPEG at full size, then resize it by half."""
+    with Image.open(path) as img:
+        img.load()
+        img.resize((img.width // 2, img.height // 2))
+
+
+def pool_rate(fn: Callable[[Path], None], paths: list[Path]) -> float:
+    """Images per second decoding ``paths`` with ``fn`` on all cores."""
+    with Pool(os.cpu_count()) as pool:
+        pool.map(abs, range(os.cpu_count() or 1))  # workers up before the clock starts
+        began = time.perf_counter()
+        pool.map(fn, paths, chunksize=1)
+        return len(paths) / (time.perf_counter() - began)
+
+
+def prepare(ctx: Context) -> ScenarioResult:
+    """capflow's dry run over big photos against the machine's bare decode rates."""
+    count = ctx.size(200)
+    res = ScenarioResult("prepare", f"dry run over {count} photos {SIZE[0]}x{SIZE[1]} "
+                         f"JPEG q{QUALITY}, vs bare Pillow decode on {os.cpu_count()} cores")
+    data = photos(ctx.cache_root, count)
+    paths = [data.parent / row["image"][0] for row in json.loads(data.read_text())]
+    raw = sum(p.stat().st_size for p in paths)
+    for p in paths:  # into the page cache, for every contender alike
+        p.read_bytes()
+    d = ctx.rundir("prepare")
+    run = run_measured(capflow_command(input=data, dry_run="true",
+                                       **{"cache.path": d / "responses.sqlite"}), d)
+    draft, naive = pool_rate(decode_draft, paths), pool_rate(decode_naive, paths)
+    s = run.summary
+    if "done" not in s or "image_mb" not in s:
+        res.notes.append("capflow's summary lines were not found: " + run.brief())
+    ready, failed = s.get("done", 0), s.get("failed", math.nan)
+    rate = s.get("images", math.nan) / s.get("elapsed", math.nan)
+    sent = s.get("image_mb", math.nan) * 1e6
+    res.add(
+        check("dry run", f"{ready:.0f} ready, {failed:.0f} would fail; exit {run.returncode}",
+              "all ready, exit 0", ready == count and failed == 0 and run.returncode == 0),
+        info("capflow rate (images/s)", f"{rate:.2f} (whole process: {count / run.wall:.2f})"),
+        info("bare draft decode rate (images/s)", f"{draft:.2f}"),
+        info("naive decode + resize rate (images/s)", f"{naive:.2f}"),
+        at_least("capflow rate / bare draft rate", rate / draft, 0.70),
+        info("capflow rate / naive rate", f"{rate / naive:.2f}"),
+        info("image bytes to send / raw (MB)", f"{sent / 1e6:.1f} / {raw / 1e6:.1f}"),
+        at_most("bytes to send / raw bytes", sent / raw, 0.10, "{:.3f}"),
+        info("capflow peak RSS (MB)", f"{run.max_rss_mb:.1f}"),
+    )
+    return res

@@ -1,0 +1,38 @@
+"""The scenarios by name, in the order ``python -m benchmarks`` runs them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+from benchmarks.context import Context
+from benchmarks.prepare import prepare
+from benchmarks.report import ScenarioResult
+from benchmarks.resilience import faults, kill, rerun, rpm
+from benchmarks.throughput import reference_alone, throughput
+
+Scenario = Callable[[Context], ScenarioResult]
+
+SCENARIOS: dict[str, Scenario] = {
+    "faults": faults,
+    "kill": kill,
+    "rerun": rerun,
+    "rpm": rpm,
+    "throughput-1024": partial(throughput, name="throughput-1024"),
+    "throughput-256": partial(throughput, name="throughput-256"),
+    "memory": partial(throughput, name="memory"),
+    "reference": reference_alone,
+    "prepare": prepare,
+}
+
+DESCRIPTIONS = {
+    "faults": "2,000 rows without, then with 429/500/hang/malformed faults: wall-time ratio",
+    "kill": "2,000 rows, kill -9 mid-run, rerun: complete output, little sent twice",
+    "rerun": "5,000 rows, then the identical command: no request, under 5 s",
+    "rpm": "1,000 rows at rpm=600 against a 600/min server: pacing, no 429",
+    "throughput-1024": "10,000 rows, 1024 in flight, latency 2 s",
+    "throughput-256": "5,000 rows, 256 in flight, latency 1 s",
+    "memory": "100,000 rows, 256 in flight, latency 0.05 s: peak RSS",
+    "reference": "the plain ThreadPoolExecutor + openai client alone (throughput-256 load)",
+    "prepare": "dry run over 200 4000x3000 JPEGs vs bare Pillow decode; bytes to send",
+}
