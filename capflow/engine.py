@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 ERROR_KEY = "_error"
 _SHOWN_ESTIMATES = 10
+_RAMP = 16  # rows read between two chances for earlier rows to run
 _COMMIT_WINDOW = 0.02  # seconds: at most this much finished work waits for its commit
 
 
@@ -78,10 +80,23 @@ def run_step(
     operator: Operator, storage: Storage, settings: EngineSettings, *, dry_run: bool = False
 ) -> RunSummary:
     """Run ``operator`` over every row of ``storage`` and return the summary."""
-    summary = asyncio.run(_Step(operator, storage, settings, dry_run).run())
+    summary = _run_loop(_Step(operator, storage, settings, dry_run).run())
     if settings.report:
         print(format_summary(summary), flush=True)
     return summary
+
+
+def _run_loop(coro: Any) -> Any:
+    """Run ``coro`` to completion on uvloop where it is installed, else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
+    uvloop.install()
+    return asyncio.run(coro)
 
 
 class _SafeHooks:
@@ -155,7 +170,8 @@ class _Step:
         if not self.dry_run:
             self.journal = RunJournal(self.storage.journal_path(), self.fingerprint())
             summary.journal = str(self.journal.path)
-        total = self.storage.count()
+        # Counting a JSON array means parsing it: only worth it for a progress bar on screen.
+        total = self.storage.count(cheap_only=not Progress.shown(settings.progress))
         summary.total = total
         self.hook.capflow_run_start(
             run=RunInfo(
@@ -189,6 +205,8 @@ class _Step:
                 self.storage.write(self.journal.lines())
                 self.write_failed()
                 self.journal.close()
+            if summary.total is None and summary.stopped is None:
+                summary.total = summary.rows  # the whole input was read
             summary.cost = self.rules.cost(summary.prompt_tokens, summary.completion_tokens)
             summary.elapsed = time.perf_counter() - began
             self.hook.capflow_run_end(summary=summary)
@@ -221,6 +239,8 @@ class _Step:
                         self.progress.update()
                         continue
                     await active.acquire()
+                    if self.summary.rows % _RAMP == 0:
+                        await asyncio.sleep(0)  # let the first rows go out while more are read
                     task = asyncio.create_task(self.process(row, pool))
                     tasks.add(task)
                     task.add_done_callback(lambda t: (tasks.discard(t), active.release()))

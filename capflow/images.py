@@ -14,7 +14,6 @@ import functools
 import io
 import math
 import re
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,6 +148,8 @@ class ImagePreparer:
             raise RowError("ImageUnreadable", f"cannot read image {path}: {exc.strerror}") from None
 
     def _fetch(self, url: str) -> bytes:
+        import urllib.request  # only runs that download images pay for it
+
         try:
             with urllib.request.urlopen(url, timeout=self.fetch_timeout) as response:
                 data = response.read(self.fetch_max_bytes + 1)

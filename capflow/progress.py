@@ -8,10 +8,15 @@ import sys
 class Progress:
     """A tqdm bar on a terminal; silent elsewhere (logs and pipes get the final summary)."""
 
+    @staticmethod
+    def shown(enabled: bool) -> bool:
+        """Whether a bar would be drawn."""
+        return enabled and sys.stderr.isatty()
+
     def __init__(self, total: int | None, *, enabled: bool = True) -> None:
         self.failed = 0
         self._bar = None
-        if enabled and sys.stderr.isatty():
+        if self.shown(enabled):
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, unit="row", dynamic_ncols=True, mininterval=0.25)

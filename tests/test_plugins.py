@@ -200,7 +200,7 @@ def clash_venv(tmp_path_factory: pytest.TempPathFactory, sources: dict[str, Path
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
-    return make_dataset(tmp_path_factory.mktemp("dataset"), N_ROWS)
+    return make_dataset(tmp_path_factory.mktemp("dataset"), N_ROWS, name="data.jsonl")
 
 
 @pytest.fixture

@@ -25,8 +25,9 @@ class Storage(ABC):
     def read(self) -> Iterator[Row]:
         """The step's input rows, streamed in order."""
 
-    def count(self) -> int | None:
-        """How many rows ``read()`` will yield, if that is cheap to know."""
+    def count(self, cheap_only: bool = False) -> int | None:
+        """How many rows ``read()`` will yield, or None when unknown. With ``cheap_only``, only
+        when it costs much less than reading the rows (else None)."""
         return None
 
     @property

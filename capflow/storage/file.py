@@ -108,10 +108,12 @@ class FileStorage(Storage):
         except OSError as exc:
             raise ConfigError(f"cannot read input file {path}: {exc.strerror}") from None
 
-    def count(self) -> int | None:
+    def count(self, cheap_only: bool = False) -> int | None:
         path = self.input_path
         if _format_of(path, "jsonl") == "jsonl":
             return count_json_lines(path) if os.path.exists(path) else None
+        if cheap_only:
+            return None
         with self._open_input() as f:
             return sum(1 for _ in iter_json_array(f, path))
 
