@@ -36,6 +36,14 @@ _TRANSPOSE = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+# Pillow's filters are antialiased when they shrink: bilinear (a triangle filter) is sharp
+# enough for a model's eyes at about half the cost of lanczos.
+_RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "hamming": Image.Resampling.HAMMING,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 
 
@@ -66,6 +74,8 @@ class ImagePreparer:
     :param max_pixels: most pixels after preparation (None: no bound).
     :param format: output format for re-encoded images: ``jpeg``, ``png`` or ``webp``.
     :param quality: JPEG/WebP quality.
+    :param resample: the downscaling filter: ``bilinear``, ``hamming``, ``bicubic`` or
+        ``lanczos``.
     :param keep_png: PNG sources stay PNG (for line art, text and transparency).
     :param image_root: folder that image paths must stay inside (None: the dataset's folder).
     :param fetch_urls: download http(s) images and prepare them like files, instead of passing
@@ -79,9 +89,10 @@ class ImagePreparer:
         self,
         prepare: bool = True,
         max_side: int | None = 1536,
-        max_pixels: int | None = 2_000_000,
+        max_pixels: int | None = 1_200_000,
         format: str = "jpeg",
-        quality: int = 85,
+        quality: int = 80,
+        resample: str = "bilinear",
         keep_png: bool = False,
         image_root: str | None = None,
         fetch_urls: bool = False,
@@ -96,6 +107,11 @@ class ImagePreparer:
         self.max_pixels = max_pixels
         self.format = format
         self.quality = int(quality)
+        if resample not in _RESAMPLE:
+            raise ConfigError(
+                f"image.resample must be one of {sorted(_RESAMPLE)}, not {resample!r}"
+            )
+        self.resample = resample
         self.keep_png = bool(keep_png)
         self.image_root = Path(image_root).expanduser().resolve() if image_root else None
         self.fetch_urls = bool(fetch_urls)
@@ -202,7 +218,7 @@ class ImagePreparer:
         if source_format == "JPEG" and target[0] * 2 <= width:
             img.draft("RGB" if img.mode not in ("L", "CMYK") else img.mode, target)
         img.load()
-        frame = img.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        frame = img.resize(target, _RESAMPLE[self.resample], reducing_gap=3.0)
         if orientation in _TRANSPOSE:
             frame = frame.transpose(_TRANSPOSE[orientation])
         pil_format, mime = _ENCODERS[self.format]

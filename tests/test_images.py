@@ -245,3 +245,19 @@ def test_low_detail_costs_85_tokens():
 def test_unknown_format_setting_is_a_config_error():
     with pytest.raises(ConfigError, match="image.format must be one of"):
         ImagePreparer(format="bmp")
+
+
+@pytest.mark.parametrize("resample", ["bilinear", "hamming", "bicubic", "lanczos"])
+def test_resample_filters(tmp_path, resample):
+    _photo(tmp_path / "p.jpg", size=(800, 600))
+    prepared = ImagePreparer(max_side=300, resample=resample).prepare("p.jpg", tmp_path)
+    assert _decoded(prepared).size == (300, 225)
+    with pytest.raises(ConfigError, match="image.resample must be one of"):
+        ImagePreparer(resample="nearest")
+
+
+def test_the_default_budget_keeps_a_12mp_photo_near_a_megapixel(tmp_path):
+    raw = _photo(tmp_path / "p.jpg")
+    prepared = ImagePreparer().prepare("p.jpg", tmp_path)
+    assert (prepared.width, prepared.height) == (1264, 948)
+    assert prepared.size * 10 <= len(raw)
