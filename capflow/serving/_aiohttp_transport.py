@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 
 from capflow.errors import ServingError
-from capflow.request import Response, Usage
-from capflow.serving._errors import server_message, status_error
+from capflow.request import Response
+from capflow.serving._protocol import StreamedAnswer, server_message, status_error
 
 
 class AiohttpTransport:
@@ -55,8 +55,7 @@ class AiohttpTransport:
     async def chat_stream(self, body: dict[str, Any]) -> Response:
         """POST ``body`` with ``stream: true``; the answer joined from its server-sent events."""
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-        parts: list[str] = []
-        usage, finish, model = Usage(), None, None
+        answer = StreamedAnswer()
         try:
             async with self._session.post(f"{self.base}/chat/completions", json=body,
                                           headers=self.headers) as resp:
@@ -69,19 +68,10 @@ class AiohttpTransport:
                     data = line[5:].strip()
                     if data == b"[DONE]":
                         break
-                    chunk = json.loads(data)
-                    model = chunk.get("model") or model
-                    if chunk.get("usage"):
-                        u = chunk["usage"]
-                        usage = Usage(u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0)
-                    for choice in chunk.get("choices") or ():
-                        content = (choice.get("delta") or {}).get("content")
-                        if content:
-                            parts.append(content)
-                        finish = choice.get("finish_reason") or finish
+                    answer.add(json.loads(data))
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             raise self._error(exc) from None
-        return Response("".join(parts), usage, finish, model)
+        return answer.response()
 
     async def _json(self, resp: aiohttp.ClientResponse) -> Any:
         text = await resp.read()

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from capflow.errors import ServingError
-from capflow.request import Response, Usage
-from capflow.serving._errors import server_message, status_error
+from capflow.request import Response
+from capflow.serving._protocol import StreamedAnswer, server_message, status_error
 
 _NO_KEY = "no-key"  # the SDK insists on some key; keyless local servers ignore it
 
@@ -49,26 +49,17 @@ class SDKTransport:
     async def chat_stream(self, body: dict[str, Any]) -> Response:
         """POST ``body`` with ``stream: true``; the answer joined from its chunks."""
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-        parts: list[str] = []
-        usage, finish, model = Usage(), None, None
+        answer = StreamedAnswer()
         try:
             stream = await self._client.post(
                 "/chat/completions", cast_to=object, body=body, stream=True,
                 stream_cls=self._openai.AsyncStream[object],
             )
             async for chunk in stream:
-                model = chunk.get("model") or model
-                if chunk.get("usage"):
-                    u = chunk["usage"]
-                    usage = Usage(u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0)
-                for choice in chunk.get("choices") or ():
-                    content = (choice.get("delta") or {}).get("content")
-                    if content:
-                        parts.append(content)
-                    finish = choice.get("finish_reason") or finish
+                answer.add(chunk)
         except (self._openai.APIError, ValueError) as exc:
             raise self._error(exc) from None
-        return Response("".join(parts), usage, finish, model)
+        return answer.response()
 
     def _error(self, exc: Exception) -> ServingError:
         openai = self._openai

@@ -1,11 +1,13 @@
-"""How HTTP failures of an OpenAI-compatible API become ``ServingError``s (shared by both
-transports, so that retries and stop rules see the same kinds whichever one is used)."""
+"""What both transports share of the chat-completions protocol: how HTTP failures become
+``ServingError``s (so retries and stop rules see the same kinds whichever transport is used),
+and how a streamed answer is put back together."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from capflow.errors import ServingError
+from capflow.request import Response, Usage
 
 # Statuses worth another try: rate limits, timeouts and server-side failures.
 TRANSIENT_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -37,3 +39,29 @@ def status_error(status: int, message: str, retry_after: str | None) -> ServingE
     kind = _KINDS.get(status, "ServerError" if status >= 500 else f"HTTP{status}")
     return ServingError(kind, f"HTTP {status}: {message}", transient=status in TRANSIENT_STATUS,
                         retry_after=wait, status=status)
+
+
+class StreamedAnswer:
+    """Joins the chunks of a streamed chat completion into one ``Response``."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.usage = Usage()
+        self.finish: str | None = None
+        self.model: str | None = None
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        """Take in one ``chat.completion.chunk`` object."""
+        self.model = chunk.get("model") or self.model
+        if chunk.get("usage"):
+            u = chunk["usage"]
+            self.usage = Usage(u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0)
+        for choice in chunk.get("choices") or ():
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                self.parts.append(content)
+            self.finish = choice.get("finish_reason") or self.finish
+
+    def response(self) -> Response:
+        """The whole answer."""
+        return Response("".join(self.parts), self.usage, self.finish, self.model)
