@@ -13,6 +13,7 @@ import base64
 import functools
 import io
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,23 +140,24 @@ class ImagePreparer:
         return self._from_bytes(self._read(ref, base_dir), ref)
 
     def _read(self, ref: str, base_dir: Path) -> bytes:
-        root = self.image_root or _resolved(base_dir)
-        path = Path(ref).expanduser()
-        if not path.is_absolute():
-            path = base_dir / path
+        # Plain string paths: this runs once per image, and pathlib costs more than the read.
+        root = str(self.image_root) if self.image_root else _real_folder(str(base_dir))
+        path = os.path.join(str(base_dir), os.path.expanduser(ref))  # absolute refs stay as given
+        folder, name = os.path.split(path)
         # The folder's real path is cached; the file itself costs one lstat, and a symlink is
         # followed to its target, so a link out of the root is refused too.
-        resolved = _resolved(path.parent) / path.name
-        if resolved.is_symlink():
-            resolved = resolved.resolve()
-        if not resolved.is_relative_to(root):
+        resolved = os.path.join(_real_folder(folder), name)
+        if os.path.islink(resolved):
+            resolved = os.path.realpath(resolved)
+        if resolved != root and not resolved.startswith(root.rstrip(os.sep) + os.sep):
             raise RowError(
                 "ImageOutsideRoot",
                 f"image path {ref} resolves to {resolved}, outside the image root {root}"
                 " (set image.image_root to allow it)",
             )
         try:
-            return resolved.read_bytes()
+            with open(resolved, "rb") as f:
+                return f.read()
         except FileNotFoundError:
             raise RowError("ImageNotFound", f"image file not found: {path}") from None
         except IsADirectoryError:
@@ -228,8 +230,8 @@ class ImagePreparer:
 
 
 @functools.lru_cache(maxsize=4096)
-def _resolved(folder: Path) -> Path:
-    return folder.resolve()
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
 
 
 def _web_mode(img: Image.Image, pil_format: str) -> Image.Image:
