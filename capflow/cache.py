@@ -76,11 +76,18 @@ class ResponseCache:
         """Make every queued response durable in one transaction."""
         if not self._pending:
             return
-        batch, self._pending = self._pending, []
-        self._db.execute("BEGIN")
-        self._db.executemany("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)", batch)
-        self._db.execute("COMMIT")
-        self.stored += len(batch)
+        try:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)", self._pending
+            )
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise  # the answers stay queued for the next commit
+        self.stored += len(self._pending)
+        self._pending = []
 
     def size(self) -> int:
         """How many responses the cache holds."""

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from capflow.cache import ResponseCache, request_key
-from capflow.errors import RowError, ServingError
+from capflow.errors import ConfigError, RowError, ServingError
 from capflow.plugins import get_plugin_manager
 from capflow.progress import Progress
 from capflow.ratelimit import RateLimiter
@@ -158,21 +159,60 @@ class _Step:
 
     async def run(self) -> RunSummary:
         began = time.perf_counter()
-        summary, settings = self.summary, self.settings
-        # A dry run reads an existing cache (to say what it would answer) but creates none.
         if not self.dry_run:
             # Started first: the model it resolves belongs in every cache key and fingerprint.
             await self.serving.start()
             self.started = True
+        try:
+            self.open_stores()
+            await self.run_rows()
+        finally:
+            if self.started:
+                await self.serving.close()
+            self.close_stores()
+        summary = self.summary
+        if summary.total is None and summary.stopped is None:
+            summary.total = summary.rows  # the whole input was read
+        summary.cost = self.rules.cost(summary.prompt_tokens, summary.completion_tokens)
+        summary.elapsed = time.perf_counter() - began
+        self.hook.capflow_run_end(summary=summary)
+        return summary
+
+    def open_stores(self) -> None:
+        """Open the response cache and the run journal (a clear error when they cannot be)."""
         self.serving_key = self.serving.describe()
-        if settings.cache_path and (not self.dry_run or Path(settings.cache_path).exists()):
-            self.cache = ResponseCache(Path(settings.cache_path))
-        if not self.dry_run:
-            self.journal = RunJournal(self.storage.journal_path(), self.fingerprint())
-            summary.journal = str(self.journal.path)
+        cache_path = self.settings.cache_path
+        try:
+            # A dry run reads an existing cache (to say what it would answer) but creates none.
+            if cache_path and (not self.dry_run or Path(cache_path).exists()):
+                self.cache = ResponseCache(Path(cache_path))
+            if not self.dry_run:
+                self.journal = RunJournal(self.storage.journal_path(), self.fingerprint())
+                self.summary.journal = str(self.journal.path)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"cannot open the response cache or the run journal: {exc}"
+                              f" (cache.path={cache_path}, output={self.storage.output_name})"
+                              ) from None
+
+    def close_stores(self) -> None:
+        """Write the step's output from the journal and close both stores."""
+        summary = self.summary
+        self.flush()
+        if self.cache is not None:
+            summary.cache_hits = self.cache.hits
+            summary.cache_size = self.cache.size()
+            self.cache.close()
+        if self.journal is not None:
+            summary.output_ok, summary.output_failed = self.journal.counts()
+            self.storage.write(self.journal.lines())
+            self.write_failed()
+            self.journal.close()
+
+    async def run_rows(self) -> None:
+        settings = self.settings
         # Counting a JSON array means parsing it: only worth it for a progress bar on screen.
         total = self.storage.count(cheap_only=not Progress.shown(settings.progress))
-        summary.total = total
+        self.summary.total = total
         self.hook.capflow_run_start(
             run=RunInfo(
                 self.storage.input_name, self.storage.output_name, type(self.op).__name__,
@@ -182,35 +222,18 @@ class _Step:
         self.progress = Progress(total, enabled=settings.progress)
         writer = asyncio.create_task(self.write_loop())
         main = asyncio.current_task()
+        loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
+            loop.add_signal_handler(signal.SIGTERM, main.cancel)
         try:
             await self.produce()
         except asyncio.CancelledError:
             self.stop("interrupted")
         finally:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+                loop.remove_signal_handler(signal.SIGTERM)
             writer.cancel()
-            self.flush()
             self.progress.close()
-            if self.started:
-                await self.serving.close()
-            if self.cache is not None:
-                summary.cache_hits = self.cache.hits
-                summary.cache_size = self.cache.size()
-                self.cache.close()
-            if self.journal is not None:
-                summary.output_ok, summary.output_failed = self.journal.counts()
-                self.storage.write(self.journal.lines())
-                self.write_failed()
-                self.journal.close()
-            if summary.total is None and summary.stopped is None:
-                summary.total = summary.rows  # the whole input was read
-            summary.cost = self.rules.cost(summary.prompt_tokens, summary.completion_tokens)
-            summary.elapsed = time.perf_counter() - began
-            self.hook.capflow_run_end(summary=summary)
-        return summary
 
     def skipped_indices(self) -> Any:
         if self.journal is None:
@@ -290,7 +313,10 @@ class _Step:
             self.finish(row, error={"type": type(exc).__name__, "message": str(exc),
                                     "stage": "request"})
             return
-        self.finish(row, fields=fields)
+        try:
+            self.finish(row, fields=fields)
+        except (TypeError, ValueError) as exc:  # fields that cannot be written as JSON
+            self.finish(row, error={"type": "BadOutput", "message": str(exc), "stage": "apply"})
 
     async def attempt(self, request: Request) -> Response:
         """Send one request: wait for an in-flight slot and the rate limiter, then the serving."""
@@ -340,14 +366,14 @@ class _Step:
     def finish(self, row: Row, *, fields: dict | None = None, error: dict | None = None) -> None:
         """Count a finished row and queue it for the next journal commit."""
         summary = self.summary
+        # The line is made first: a row is counted only once it can be written.
+        line = row.with_fields({ERROR_KEY: error} if error is not None else (fields or {}))
         if error is not None:
             summary.failed += 1
             if len(summary.failures) < 20:
                 summary.failures.append((row.index, error))
-            line = row.with_fields({ERROR_KEY: error})
         else:
             summary.done += 1
-            line = row.with_fields(fields or {})
         self.progress.update(failed=error is not None)
         reason = self.rules.after_row(summary.done + summary.failed, summary.failed)
         if reason:
@@ -364,15 +390,20 @@ class _Step:
             await self.wake_writer.wait()
             await asyncio.sleep(_COMMIT_WINDOW)
             self.wake_writer.clear()
-            self.flush()
+            try:
+                self.flush()
+            except sqlite3.Error as exc:  # e.g. a shared cache locked for too long
+                log.warning("could not commit finished rows yet (%s); retrying", exc)
+                self.wake_writer.set()
+                await asyncio.sleep(1.0)
 
     def flush(self) -> None:
         # Responses first: a row in the journal always has its answer cached too.
         if self.cache is not None:
             self.cache.commit()
         if self.pending and self.journal is not None:
-            batch, self.pending = self.pending, []
-            self.journal.add(batch)
+            self.journal.add(self.pending)
+            self.pending = []  # only once committed: a failed commit is tried again
 
     def write_failed(self) -> None:
         path = self.settings.failed_output

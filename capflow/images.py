@@ -142,7 +142,8 @@ class ImagePreparer:
     def _read(self, ref: str, base_dir: Path) -> bytes:
         # Plain string paths: this runs once per image, and pathlib costs more than the read.
         root = str(self.image_root) if self.image_root else _real_folder(str(base_dir))
-        path = os.path.join(str(base_dir), os.path.expanduser(ref))  # absolute refs stay as given
+        # Absolute refs stay as given; normpath folds "..", so the last part is a real name.
+        path = os.path.normpath(os.path.join(str(base_dir), os.path.expanduser(ref)))
         folder, name = os.path.split(path)
         # The folder's real path is cached; the file itself costs one lstat, and a symlink is
         # followed to its target, so a link out of the root is refused too.
@@ -164,14 +165,17 @@ class ImagePreparer:
             raise RowError("ImageUnreadable", f"image path is a folder: {path}") from None
         except OSError as exc:
             raise RowError("ImageUnreadable", f"cannot read image {path}: {exc.strerror}") from None
+        except ValueError as exc:  # e.g. a NUL byte in the path
+            raise RowError("BadImageReference", f"bad image path {ref!r}: {exc}") from None
 
     def _fetch(self, url: str) -> bytes:
+        import http.client
         import urllib.request  # only runs that download images pay for it
 
         try:
             with urllib.request.urlopen(url, timeout=self.fetch_timeout) as response:
                 data = response.read(self.fetch_max_bytes + 1)
-        except OSError as exc:
+        except (OSError, ValueError, http.client.HTTPException) as exc:
             raise RowError("ImageFetchFailed", f"cannot download {url}: {exc}") from None
         if len(data) > self.fetch_max_bytes:
             limit = self.fetch_max_bytes

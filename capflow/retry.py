@@ -44,15 +44,19 @@ class RetryPolicy:
             return min(exc.retry_after, self.max_wait)
         return random.uniform(0, min(self.initial_wait, self.max_wait))
 
-    def _wait(self) -> Callable[[RetryCallState], float]:
+    def _wait(self, began: float) -> Callable[[RetryCallState], float]:
         # The first wait (before tenacity takes over) is up to initial_wait; these double on.
         backoff = wait_random_exponential(multiplier=self.initial_wait * 2, max=self.max_wait)
 
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             if isinstance(exc, ServingError) and exc.retry_after is not None:
-                return min(exc.retry_after, self.max_wait)
-            return backoff(state)
+                seconds = min(exc.retry_after, self.max_wait)
+            else:
+                seconds = backoff(state)
+            if self.max_time is not None:  # never sleep past the row's time bound
+                seconds = min(seconds, max(0.0, self.max_time - (time.monotonic() - began)))
+            return seconds
 
         return wait
 
@@ -72,7 +76,12 @@ class RetryPolicy:
                 raise
             on_retry(exc)
             first_error = exc
-        await asyncio.sleep(self._first_wait(first_error))
+        first_wait = self._first_wait(first_error)
+        if self.max_time is not None:
+            remaining = self.max_time - (time.monotonic() - began)
+            if first_wait >= remaining:
+                raise first_error  # no time left for another try
+        await asyncio.sleep(first_wait)
 
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -84,7 +93,7 @@ class RetryPolicy:
             stop = stop | stop_after_delay(max(0.0, self.max_time - (time.monotonic() - began)))
         retrying = AsyncRetrying(
             stop=stop,
-            wait=self._wait(),
+            wait=self._wait(began),
             retry=retry_if_exception(lambda e: isinstance(e, ServingError) and e.transient),
             before_sleep=before_sleep,
             reraise=True,

@@ -40,7 +40,10 @@ class AiohttpTransport:
                 data = await self._json(resp)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise self._error(exc) from None
-        return [m["id"] for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
+        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+            raise ServingError("BadResponse", "/models did not answer a model list",
+                               transient=False)
+        return [m["id"] for m in data["data"] if isinstance(m, dict) and "id" in m]
 
     async def chat(self, body: dict[str, Any]) -> Any:
         """POST ``body`` to ``/chat/completions``; the parsed JSON answer."""
@@ -67,6 +70,7 @@ class AiohttpTransport:
                         continue
                     data = line[5:].strip()
                     if data == b"[DONE]":
+                        answer.done = True
                         break
                     answer.add(json.loads(data))
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:

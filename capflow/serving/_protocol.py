@@ -42,16 +42,24 @@ def status_error(status: int, message: str, retry_after: str | None) -> ServingE
 
 
 class StreamedAnswer:
-    """Joins the chunks of a streamed chat completion into one ``Response``."""
+    """Joins the chunks of a streamed chat completion into one ``Response``; a stream that
+    breaks off, carries an error or holds no answer is an error, never a caption."""
 
     def __init__(self) -> None:
         self.parts: list[str] = []
         self.usage = Usage()
         self.finish: str | None = None
         self.model: str | None = None
+        self.done = False  # the server said [DONE]
 
-    def add(self, chunk: dict[str, Any]) -> None:
+    def add(self, chunk: Any) -> None:
         """Take in one ``chat.completion.chunk`` object."""
+        if not isinstance(chunk, dict):
+            raise ServingError("BadResponse", "stream chunk is not a JSON object", transient=True)
+        if chunk.get("error"):
+            message = server_message(chunk, "error in the stream")
+            raise ServingError("StreamError", f"the stream carried an error: {message}",
+                               transient=True)
         self.model = chunk.get("model") or self.model
         if chunk.get("usage"):
             u = chunk["usage"]
@@ -64,4 +72,10 @@ class StreamedAnswer:
 
     def response(self) -> Response:
         """The whole answer."""
+        if not (self.done or self.finish):
+            raise ServingError("BadResponse", "the stream ended before the answer did",
+                               transient=True)
+        if not self.parts:
+            raise ServingError("EmptyAnswer", f"answer has no text (finish_reason={self.finish})",
+                               transient=False)
         return Response("".join(self.parts), self.usage, self.finish, self.model)

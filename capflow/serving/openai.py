@@ -99,7 +99,7 @@ class OpenAIServing(Serving):
         if not self.model_name:
             try:
                 self.model_name = await self._only_model()
-            except ConfigError:
+            except BaseException:
                 await self.close()
                 raise
 
@@ -110,7 +110,7 @@ class OpenAIServing(Serving):
             if exc.kind == "AuthenticationError":
                 reason = str(exc).split(": ", 1)[-1]
                 raise ConfigError(f"the server refused the API key: {reason}") from None
-            if exc.status is not None:
+            if exc.status is not None or exc.kind == "BadResponse":
                 raise ConfigError(
                     f"model_name is not set and {self.api_url}/models answered {exc};"
                     " set model_name=..."

@@ -65,9 +65,14 @@ class RunJournal:
 
     def add(self, batch: list[tuple[int, bool, str]]) -> None:
         """Make a batch of finished rows (index, ok, JSON text) durable in one commit."""
-        self._db.execute("BEGIN")
-        self._db.executemany("INSERT OR REPLACE INTO rows VALUES (?, ?, ?)", batch)
-        self._db.execute("COMMIT")
+        try:
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT OR REPLACE INTO rows VALUES (?, ?, ?)", batch)
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
 
     def lines(self) -> Iterator[str]:
         """Every finished row's JSON text, in input order."""
