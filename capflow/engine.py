@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from capflow.cache import ResponseCache, request_key
 from capflow.errors import ConfigError, RowError, ServingError
+from capflow.observers import ObserverHooks
 from capflow.plugins import get_plugin_manager
 from capflow.progress import Progress
 from capflow.ratelimit import RateLimiter
@@ -100,31 +101,6 @@ def _run_loop(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-class _SafeHooks:
-    """Calls observer hooks; a failing observer is reported once and never stops the run."""
-
-    def __init__(self, pm: Any) -> None:
-        self._pm = pm
-        self._failed: set[tuple[str, str]] = set()
-
-    def __getattr__(self, name: str) -> Any:
-        impls = getattr(self._pm.hook, name).get_hookimpls()
-
-        def call(**kwargs: Any) -> None:
-            for impl in impls:
-                if (impl.plugin_name, name) in self._failed:
-                    continue
-                try:
-                    impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
-                except Exception as exc:
-                    self._failed.add((impl.plugin_name, name))
-                    log.warning("plugin %r failed in %s (%s: %s); it is not called again"
-                                " this run", impl.plugin_name, name, type(exc).__name__, exc)
-
-        setattr(self, name, call)  # looked up once per run, not once per row
-        return call
-
-
 class _Stopped(Exception):
     """The run is stopping: the row is left for a later run."""
 
@@ -135,7 +111,7 @@ class _Step:
     ) -> None:
         self.op, self.storage, self.settings, self.dry_run = operator, storage, settings, dry_run
         self.serving = operator.serving
-        self.hook = _SafeHooks(get_plugin_manager())
+        self.hook = ObserverHooks(get_plugin_manager())
         self.summary = RunSummary(dry_run=dry_run, output=storage.output_name)
         self.pending: list[tuple[int, bool, str]] = []
         self.wake_writer = asyncio.Event()
