@@ -6,7 +6,7 @@ from collections.abc import Callable
 from functools import partial
 
 from benchmarks.context import Context
-from benchmarks.prepare import prepare
+from benchmarks.prepare import prepare, prepare_live
 from benchmarks.report import ScenarioResult
 from benchmarks.resilience import faults, kill, rerun, rpm
 from benchmarks.throughput import reference_alone, throughput
@@ -23,6 +23,7 @@ SCENARIOS: dict[str, Scenario] = {
     "memory": partial(throughput, name="memory"),
     "reference": reference_alone,
     "prepare": prepare,
+    "prepare-live": prepare_live,
 }
 
 DESCRIPTIONS = {
@@ -35,4 +36,5 @@ DESCRIPTIONS = {
     "memory": "100,000 rows, 256 in flight, latency 0.05 s: peak RSS",
     "reference": "the plain ThreadPoolExecutor + openai client alone (throughput-256 load)",
     "prepare": "dry run over 200 4000x3000 JPEGs vs bare Pillow decode; bytes to send",
+    "prepare-live": "the 200 JPEGs captioned at 2 s latency: requests in flight hold steady",
 }

@@ -61,7 +61,7 @@ class EngineSettings:
     :param tpm: tokens per minute to stay under (None: no limit).
     :param retry_failed: on a rerun, send the rows that failed last time again.
     :param failed_output: also write the failed rows to this JSON Lines file.
-    :param prepare_workers: threads preparing rows (default: one per core).
+    :param prepare_workers: threads preparing rows (default: one per core, plus one).
     :param progress: show a progress bar on a terminal.
     :param report: print the summary when the step ends.
     """
@@ -219,7 +219,8 @@ class _Step:
         return self.journal.finished_indices()
 
     async def produce(self) -> None:
-        n_prep = self.settings.prepare_workers or os.cpu_count() or 2
+        # One more thread than cores: each spends part of an image holding the GIL or reading.
+        n_prep = self.settings.prepare_workers or (os.cpu_count() or 2) + 1
         # Rows in progress: being prepared, waiting for a slot, in flight or backing off.
         active = asyncio.Semaphore(n_prep * 2 + int(self.serving.max_workers) * 2)
         done = self.skipped_indices()

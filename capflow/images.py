@@ -22,6 +22,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from capflow.errors import ConfigError, RowError
+from capflow.jpeg_shrink import JpegError, shrink_jpeg
 
 # What every OpenAI-compatible vision API accepts as it is.
 _ACCEPTED = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
@@ -38,8 +39,10 @@ _TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 # Pillow's filters are antialiased when they shrink: bilinear (a triangle filter) is sharp
-# enough for a model's eyes at about half the cost of lanczos.
+# enough for a model's eyes at about half the cost of lanczos. "auto" is bilinear, except for
+# large JPEGs, which take the fast path in capflow.jpeg_shrink.
 _RESAMPLE = {
+    "auto": Image.Resampling.BILINEAR,
     "bilinear": Image.Resampling.BILINEAR,
     "hamming": Image.Resampling.HAMMING,
     "bicubic": Image.Resampling.BICUBIC,
@@ -75,8 +78,9 @@ class ImagePreparer:
     :param max_pixels: most pixels after preparation (None: no bound).
     :param format: output format for re-encoded images: ``jpeg``, ``png`` or ``webp``.
     :param quality: JPEG/WebP quality.
-    :param resample: the downscaling filter: ``bilinear``, ``hamming``, ``bicubic`` or
-        ``lanczos``.
+    :param resample: the downscaling filter: ``auto`` (the fast path of
+        ``capflow.jpeg_shrink`` for JPEGs, else bilinear), ``bilinear``, ``hamming``,
+        ``bicubic`` or ``lanczos``.
     :param keep_png: PNG sources stay PNG (for line art, text and transparency).
     :param image_root: folder that image paths must stay inside (None: the dataset's folder).
     :param fetch_urls: download http(s) images and prepare them like files, instead of passing
@@ -93,7 +97,7 @@ class ImagePreparer:
         max_pixels: int | None = 1_200_000,
         format: str = "jpeg",
         quality: int = 80,
-        resample: str = "bilinear",
+        resample: str = "auto",
         keep_png: bool = False,
         image_root: str | None = None,
         fetch_urls: bool = False,
@@ -221,6 +225,14 @@ class ImagePreparer:
         if not self.prepare_images:
             img.load()
             return _encode(_web_mode(img, "PNG"), "PNG", "image/png", 0, len(data))
+        if (self.resample == "auto" and self.format == "jpeg" and source_format == "JPEG"
+                and img.mode in ("RGB", "L") and target != (width, height)):
+            try:
+                out = shrink_jpeg(data, target, orientation, self.quality, img.mode == "L")
+            except JpegError as exc:
+                raise RowError("ImageUnreadable", f"broken image {where}: {exc}") from None
+            w, h = (target[1], target[0]) if orientation in (5, 6, 7, 8) else target
+            return _prepared(out, "image/jpeg", w, h, len(data))
         if source_format == "JPEG" and target[0] * 2 <= width:
             img.draft("RGB" if img.mode not in ("L", "CMYK") else img.mode, target)
         img.load()

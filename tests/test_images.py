@@ -247,7 +247,7 @@ def test_unknown_format_setting_is_a_config_error():
         ImagePreparer(format="bmp")
 
 
-@pytest.mark.parametrize("resample", ["bilinear", "hamming", "bicubic", "lanczos"])
+@pytest.mark.parametrize("resample", ["auto", "bilinear", "hamming", "bicubic", "lanczos"])
 def test_resample_filters(tmp_path, resample):
     _photo(tmp_path / "p.jpg", size=(800, 600))
     prepared = ImagePreparer(max_side=300, resample=resample).prepare("p.jpg", tmp_path)
