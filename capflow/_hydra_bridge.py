@@ -44,3 +44,33 @@ def install(registry: PluginRegistry) -> None:
         store.store(group=group, name=name, node=node, provider="capflow-plugin")
     if not OmegaConf.has_resolver("capflow.sample"):
         OmegaConf.register_new_resolver("capflow.sample", sample_dataset)
+
+
+# Options that can bring in a primary config other than capflow's, which might set hydra.mode.
+_OTHER_CONFIG_OPTIONS = ("--config-name", "-cn", "--config-dir", "-cd", "--config-path", "-cp")
+
+
+def skip_mode_probe(argv: list[str]) -> bool:
+    """Spare Hydra its first of two config compositions, when its answer is known.
+
+    Before a run, Hydra composes the whole config once only to read ``hydra.mode``, then
+    composes it again to run: about 0.15 s of start-up each. capflow's config never sets
+    ``hydra.mode``, and Hydra treats "not set" exactly as this probe's answer of None (a run,
+    or a sweep with ``-m``). The probe is kept whenever the command line could set the mode:
+    a ``hydra.mode`` override, or a primary config of the user's own. Returns whether the
+    probe was skipped.
+    """
+    for arg in argv:
+        option = arg.split("=", 1)[0]
+        if "hydra.mode" in arg or option in _OTHER_CONFIG_OPTIONS:
+            return False
+    from hydra._internal.hydra import Hydra
+
+    if not callable(getattr(Hydra, "get_mode", None)):
+        return False  # a Hydra without the probe: nothing to skip
+
+    def get_mode(self: Hydra, config_name: str | None, overrides: list[str]) -> None:
+        return None
+
+    Hydra.get_mode = get_mode  # type: ignore[method-assign]
+    return True

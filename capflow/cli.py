@@ -40,6 +40,7 @@ def main() -> None:
     from capflow import _hydra_bridge
 
     _hydra_bridge.install(registry)
+    _hydra_bridge.skip_mode_probe(argv)
     statuses: list[int] = []
 
     @hydra.main(config_path="pkg://capflow.conf", config_name="config", version_base=None)

@@ -97,6 +97,31 @@ def test_sweep_runs_one_job_per_prompt_with_its_own_output(server, tmp_path):
         assert "prompt=concise" in prompt or "prompt=detailed" in prompt
 
 
+def test_hydra_mode_multirun_override_sweeps_without_m(server, tmp_path):
+    # capflow skips Hydra's mode probe only when nothing on the command line can set the mode.
+    data, _ = make_dataset(tmp_path, 3)
+    result = run_capflow("hydra.mode=MULTIRUN", "prompt=concise,detailed",
+                         *_common(server, data, Path("out.jsonl")), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(sorted(tmp_path.glob("multirun/*/*/*/out.jsonl"))) == 2
+    assert len(server.requests) == 6
+
+
+def test_a_users_primary_config_can_make_a_run_a_sweep(server, tmp_path):
+    data, _ = make_dataset(tmp_path, 3)
+    conf = tmp_path / "myconf"
+    conf.mkdir()
+    (conf / "mine.yaml").write_text(
+        "defaults:\n  - config\n  - _self_\nhydra:\n  mode: MULTIRUN\n"
+        "  sweeper:\n    params:\n      prompt: concise,detailed\n"
+    )
+    result = run_capflow("-cd", str(conf), "-cn", "mine",
+                         *_common(server, data, Path("out.jsonl")), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(sorted(tmp_path.glob("multirun/*/*/*/out.jsonl"))) == 2
+    assert len({r.system for r in server.requests}) == 2
+
+
 @pytest.mark.parametrize("transport", ["aiohttp", "sdk"])
 def test_api_key_is_sent_but_never_written(tmp_path, transport):
     from capflow.testing.server import FakeOpenAIServer
