@@ -14,12 +14,10 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import signal
 import sqlite3
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +26,7 @@ from capflow.cache import ResponseCache, request_key
 from capflow.errors import ConfigError, RowError, ServingError
 from capflow.observers import ObserverHooks
 from capflow.plugins import get_plugin_manager
+from capflow.prepare_pool import PreparePool
 from capflow.progress import Progress
 from capflow.ratelimit import RateLimiter
 from capflow.request import Request, Response
@@ -46,7 +45,6 @@ log = logging.getLogger(__name__)
 
 ERROR_KEY = "_error"
 _SHOWN_ESTIMATES = 10
-_RAMP = 16  # rows read between two chances for earlier rows to run
 _COMMIT_WINDOW = 0.02  # seconds: at most this much finished work waits for its commit
 
 
@@ -124,6 +122,8 @@ class _Step:
         self.started = False
         self.serving_key: dict[str, Any] = {}
         self.reserved_tokens = 0  # estimated tokens of requests in flight (for budgets)
+        self.tasks: set[asyncio.Task] = set()
+        self.active = asyncio.Semaphore(1)  # rows in progress, sized in produce()
 
     def fingerprint(self) -> str:
         what = [self.storage.input_identity(), self.op.describe(), self.serving.describe()]
@@ -219,15 +219,17 @@ class _Step:
         return self.journal.finished_indices()
 
     async def produce(self) -> None:
-        # One more thread than cores: each spends part of an image holding the GIL or reading.
-        n_prep = self.settings.prepare_workers or (os.cpu_count() or 2) + 1
+        base_dir = self.storage.base_dir
+        prep: PreparePool[Row, Request] = PreparePool(
+            lambda row: self.op.prepare(row, base_dir), self.settings.prepare_workers
+        )
         # Rows in progress: being prepared, waiting for a slot, in flight or backing off.
-        active = asyncio.Semaphore(n_prep * 2 + int(self.serving.max_workers) * 2)
+        self.active = asyncio.Semaphore(prep.workers * 2 + int(self.serving.max_workers) * 2)
         done = self.skipped_indices()
         next_done = next(done, None)
-        tasks: set[asyncio.Task] = set()
-        with ThreadPoolExecutor(n_prep, thread_name_prefix="capflow-prepare") as pool:
+        with prep:
             try:
+                batch: list[Row] = []
                 for row in self.storage.read():
                     if self.summary.stopped:
                         break
@@ -238,27 +240,48 @@ class _Step:
                         self.summary.skipped += 1
                         self.progress.update()
                         continue
-                    await active.acquire()
-                    if self.summary.rows % _RAMP == 0:
-                        await asyncio.sleep(0)  # let the first rows go out while more are read
-                    task = asyncio.create_task(self.process(row, pool))
-                    tasks.add(task)
-                    task.add_done_callback(lambda t: (tasks.discard(t), active.release()))
-                if tasks:
-                    await asyncio.gather(*tasks)
+                    await self.active.acquire()
+                    if row.error:  # nothing to prepare
+                        self.spawn(self.process(row, None), row=True)
+                        continue
+                    batch.append(row)
+                    if len(batch) >= prep.batch_size():
+                        await prep.reserve()  # the loop sends what is ready meanwhile
+                        self.spawn(self.prepare_batch(prep, batch))
+                        batch = []
+                if batch:
+                    await prep.reserve()
+                    self.spawn(self.prepare_batch(prep, batch))
+                while self.tasks:
+                    await asyncio.wait(set(self.tasks))
             except asyncio.CancelledError:
-                for task in tasks:
+                for task in self.tasks:
                     task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await asyncio.gather(*self.tasks, return_exceptions=True)
                 raise
 
-    async def process(self, row: Row, pool: ThreadPoolExecutor) -> None:
+    def spawn(self, coro: Any, row: bool = False) -> None:
+        """Run ``coro`` as a task of this step; a row's task frees its place when it ends."""
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        if row:
+            task.add_done_callback(lambda t: (self.tasks.discard(t), self.active.release()))
+        else:
+            task.add_done_callback(self.tasks.discard)
+
+    async def prepare_batch(self, prep: PreparePool[Row, Request], rows: list[Row]) -> None:
+        for row, prepared in zip(rows, await prep.run(rows), strict=True):
+            self.spawn(self.process(row, prepared), row=True)
+
+    async def process(self, row: Row, prepared: Request | Exception | None) -> None:
         summary = self.summary
         try:
             if row.error:
                 raise RowError("BadRow", row.error)
-            loop = asyncio.get_running_loop()
-            request = await loop.run_in_executor(pool, self.op.prepare, row, self.storage.base_dir)
+            if isinstance(prepared, Exception):
+                raise prepared
+            assert prepared is not None
+            request = prepared
             summary.images += request.image_count
             summary.image_bytes += request.image_bytes
             key = request_key(request, self.serving_key) if self.cache else None
