@@ -122,7 +122,7 @@ def test_a_users_primary_config_can_make_a_run_a_sweep(server, tmp_path):
     assert len({r.system for r in server.requests}) == 2
 
 
-@pytest.mark.parametrize("transport", ["aiohttp", "sdk"])
+@pytest.mark.parametrize("transport", ["http", "aiohttp", "sdk"])
 def test_api_key_is_sent_but_never_written(tmp_path, transport):
     from capflow.testing.server import FakeOpenAIServer
 

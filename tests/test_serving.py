@@ -19,7 +19,7 @@ from capflow.testing.server import FakeOpenAIServer
 FAST_RETRY = RetryPolicy(max_attempts=8, initial_wait=0.01, max_wait=0.2)
 
 
-@pytest.fixture(params=["aiohttp", "sdk"])
+@pytest.fixture(params=["http", "aiohttp", "sdk"])
 def transport(request) -> str:
     """Every serving test runs over both transports."""
     return request.param

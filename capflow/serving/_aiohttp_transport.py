@@ -15,7 +15,7 @@ import aiohttp
 
 from capflow.errors import ServingError
 from capflow.request import Response
-from capflow.serving._protocol import StreamedAnswer, server_message, status_error
+from capflow.serving._protocol import StreamedAnswer, decode_answer
 
 
 class AiohttpTransport:
@@ -78,19 +78,8 @@ class AiohttpTransport:
         return answer.response()
 
     async def _json(self, resp: aiohttp.ClientResponse) -> Any:
-        text = await resp.read()
-        try:
-            data = json.loads(text) if text else None
-        except ValueError:
-            data = None
-            if resp.status < 400:
-                raise ServingError("BadResponse", "response body is not JSON",
-                                   transient=True) from None
-        if resp.status >= 400:
-            fallback = text[:200].decode(errors="replace") or resp.reason or ""
-            raise status_error(resp.status, server_message(data, fallback),
-                               resp.headers.get("Retry-After"))
-        return data
+        return decode_answer(resp.status, resp.reason or "", await resp.read(),
+                             resp.headers.get("Retry-After"))
 
     def _error(self, exc: Exception) -> ServingError:
         if isinstance(exc, ServingError):

@@ -1,9 +1,10 @@
-"""What both transports share of the chat-completions protocol: how HTTP failures become
+"""What the transports share of the chat-completions protocol: how HTTP failures become
 ``ServingError``s (so retries and stop rules see the same kinds whichever transport is used),
 and how a streamed answer is put back together."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from capflow.errors import ServingError
@@ -39,6 +40,21 @@ def status_error(status: int, message: str, retry_after: str | None) -> ServingE
     kind = _KINDS.get(status, "ServerError" if status >= 500 else f"HTTP{status}")
     return ServingError(kind, f"HTTP {status}: {message}", transient=status in TRANSIENT_STATUS,
                         retry_after=wait, status=status)
+
+
+def decode_answer(status: int, reason: str, body: bytes, retry_after: str | None) -> Any:
+    """The JSON of an answer; a ``ServingError`` for an error status or an unreadable body."""
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:
+        data = None
+        if status < 400:
+            raise ServingError("BadResponse", "response body is not JSON",
+                               transient=True) from None
+    if status >= 400:
+        fallback = body[:200].decode(errors="replace") or reason or ""
+        raise status_error(status, server_message(data, fallback), retry_after)
+    return data
 
 
 class StreamedAnswer:

@@ -12,7 +12,7 @@ from capflow.serving.base import Serving
 
 log = logging.getLogger(__name__)
 
-TRANSPORTS = ("aiohttp", "sdk")
+TRANSPORTS = ("http", "aiohttp", "sdk")
 
 
 class OpenAIServing(Serving):
@@ -30,8 +30,9 @@ class OpenAIServing(Serving):
     :param seed: sampling seed, for servers that support it.
     :param extra_body: more JSON fields for the request body, passed through as they are.
     :param send_request_stream: receive the answer as a stream of chunks.
-    :param transport: ``aiohttp``, a lean client for the protocol (the default: least CPU per
-        request, fastest start), or ``sdk``, the official ``openai`` SDK's async client.
+    :param transport: ``http``, capflow's own HTTP/1.1 client (the default: least CPU per
+        request, fastest start), ``aiohttp``, a client on aiohttp, or ``sdk``, the official
+        ``openai`` SDK's async client (for HTTP proxies, or the SDK's own behaviour).
     """
 
     def __init__(
@@ -47,7 +48,7 @@ class OpenAIServing(Serving):
         seed: int | None = None,
         extra_body: dict[str, Any] | None = None,
         send_request_stream: bool = False,
-        transport: str = "aiohttp",
+        transport: str = "http",
     ) -> None:
         if int(max_workers) < 1:
             raise ConfigError(f"max_workers must be at least 1, not {max_workers}")
@@ -93,8 +94,10 @@ class OpenAIServing(Serving):
             )
         if self.transport == "sdk":
             from capflow.serving._sdk_transport import SDKTransport as transport
-        else:
+        elif self.transport == "aiohttp":
             from capflow.serving._aiohttp_transport import AiohttpTransport as transport
+        else:
+            from capflow.serving._http_transport import HttpTransport as transport
         self._client = transport(self.api_url, key, self.timeout, self.max_workers)
         if not self.model_name:
             try:

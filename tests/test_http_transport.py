@@ -1,0 +1,249 @@
+"""capflow's own HTTP/1.1 client against servers that frame their answers in every legal way,
+and against servers that misbehave. Each test runs a raw asyncio server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from capflow.errors import ConfigError, ServingError
+from capflow.serving._http_transport import HttpTransport
+
+ANSWER = {"choices": [{"message": {"content": "a red square"}, "finish_reason": "stop"}]}
+BODY = json.dumps(ANSWER).encode()
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+async def _read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head + await reader.readexactly(length)
+
+
+def _serve(handler: Handler, client: Callable[[HttpTransport], Awaitable[object]],
+           timeout: float = 5.0) -> tuple[object, dict[str, int]]:
+    """Run ``handler`` as a server and ``client`` against it; returns the client's result and
+    counts of connections and requests the server saw."""
+    seen = {"connections": 0, "requests": 0}
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen["connections"] += 1
+        try:
+            while True:
+                try:
+                    await _read_request(reader)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                seen["requests"] += 1
+                await handler(reader, writer, seen["requests"])
+                if writer.is_closing():
+                    return
+        finally:
+            writer.close()
+
+    async def main() -> object:
+        server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        transport = HttpTransport(f"http://127.0.0.1:{port}/v1", "sk-test", timeout, 8)
+        try:
+            return await client(transport)
+        finally:
+            await transport.close()
+            server.close()
+
+    return asyncio.run(main()), seen
+
+
+def _answer(body: bytes = BODY, *headers: str, status: str = "200 OK") -> bytes:
+    lines = [f"HTTP/1.1 {status}", *headers]
+    if not any(h.lower().startswith(("content-length", "transfer-encoding")) for h in headers):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def _twice(transport: HttpTransport) -> list[object]:
+    return [await transport.chat({"messages": []}), await transport.chat({"messages": []})]
+
+
+def test_keep_alive_connections_are_reused():
+    async def handler(reader, writer, n):
+        writer.write(_answer())
+
+    result, seen = _serve(handler, _twice)
+    assert result == [ANSWER, ANSWER]
+    assert seen == {"connections": 1, "requests": 2}
+
+
+def test_a_kept_alive_connection_the_server_closed_is_replaced_without_an_error():
+    async def handler(reader, writer, n):
+        writer.write(_answer())
+        await writer.drain()
+        writer.close()  # the server drops the connection the client keeps for later
+
+    async def client(transport):
+        first = await transport.chat({"messages": []})
+        await asyncio.sleep(0.05)
+        return [first, await transport.chat({"messages": []})]
+
+    result, seen = _serve(handler, client)
+    assert result == [ANSWER, ANSWER]
+    assert seen["connections"] == 2
+
+
+def test_connection_close_answers_are_not_reused():
+    async def handler(reader, writer, n):
+        writer.write(_answer(BODY, "Connection: close"))
+        await writer.drain()
+        writer.close()
+
+    result, seen = _serve(handler, _twice)
+    assert result == [ANSWER, ANSWER]
+    assert seen == {"connections": 2, "requests": 2}
+
+
+def test_chunked_gzip_and_close_delimited_bodies_are_read():
+    packed = gzip.compress(BODY)
+
+    async def handler(reader, writer, n):
+        if n == 1:  # chunked, in three pieces
+            parts = [BODY[:10], BODY[10:30], BODY[30:]]
+            chunks = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+            writer.write(_answer(chunks, "Transfer-Encoding: chunked"))
+        else:  # gzip, its length given by the connection's end
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nConnection: close\r\n\r\n"
+                         + packed)
+            await writer.drain()
+            writer.close()
+
+    result, _ = _serve(handler, _twice)
+    assert result == [ANSWER, ANSWER]
+
+
+def test_the_request_carries_the_key_the_path_and_the_body():
+    got: list[bytes] = []
+
+    async def on_connect(reader, writer):
+        got.append(await _read_request(reader))
+        writer.write(_answer())
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        transport = HttpTransport(f"http://127.0.0.1:{port}/v1/", "sk-abc", 5.0, 4)
+        try:
+            await transport.chat({"model": "m", "messages": [{"role": "user", "content": "é"}]})
+        finally:
+            await transport.close()
+            server.close()
+
+    asyncio.run(main())
+    head, body = got[0].split(b"\r\n\r\n", 1)
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST /v1/chat/completions HTTP/1.1"
+    assert b"Authorization: Bearer sk-abc" in lines
+    assert b"Content-Type: application/json" in lines
+    assert json.loads(body) == {"model": "m", "messages": [{"role": "user", "content": "é"}]}
+
+
+@pytest.mark.parametrize(
+    ("reply", "kind"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"choi", "ConnectionError"),
+        (b"this is not HTTP\r\n\r\n", "BadResponse"),
+        (_answer(b"<html>busy</html>"), "BadResponse"),
+        (_answer(b'{"error": {"message": "slow down"}}', "Retry-After: 3",
+                 status="429 Too Many Requests"), "RateLimited"),
+    ],
+    ids=["closed-mid-body", "not-http", "not-json", "429"],
+)
+def test_broken_answers_are_serving_errors(reply, kind):
+    async def handler(reader, writer, n):
+        writer.write(reply)
+        await writer.drain()
+        writer.close()
+
+    async def client(transport):
+        with pytest.raises(ServingError) as caught:
+            await transport.chat({"messages": []})
+        return caught.value
+
+    error, _ = _serve(handler, client)
+    assert error.kind == kind
+    assert error.transient
+    if kind == "RateLimited":
+        assert error.retry_after == 3.0 and "slow down" in str(error)
+
+
+def test_an_answer_that_never_comes_times_out():
+    async def handler(reader, writer, n):
+        await asyncio.sleep(10)
+
+    async def client(transport):
+        with pytest.raises(ServingError, match="no answer within 0.3 s") as caught:
+            await transport.chat({"messages": []})
+        return caught.value.kind
+
+    kind, _ = _serve(handler, client, timeout=0.3)
+    assert kind == "Timeout"
+
+
+def test_a_refused_connection_is_a_connection_error():
+    async def main():
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        server.close()
+        await server.wait_closed()
+        transport = HttpTransport(f"http://127.0.0.1:{port}/v1", None, 2.0, 1)
+        with pytest.raises(ServingError) as caught:
+            await transport.chat({"messages": []})
+        return caught.value.kind
+
+    assert asyncio.run(main()) == "ConnectionError"
+
+
+def test_a_stream_is_joined_from_its_events():
+    events = [
+        {"choices": [{"delta": {"content": "a red "}}]},
+        {"choices": [{"delta": {"content": "square"}, "finish_reason": "stop"}]},
+        {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 3}},
+    ]
+    sse = b"".join(b"data: %s\n\n" % json.dumps(e).encode() for e in events) + b"data: [DONE]\n\n"
+
+    async def handler(reader, writer, n):
+        # Split mid-line, to be joined again by the reader.
+        chunks = [sse[:17], sse[17:90], sse[90:]]
+        body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+        writer.write(_answer(body, "Content-Type: text/event-stream",
+                             "Transfer-Encoding: chunked"))
+
+    async def client(transport):
+        return await transport.chat_stream({"messages": []})
+
+    response, _ = _serve(handler, client)
+    assert response.text == "a red square"
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (12, 3)
+
+
+def test_a_url_that_is_not_http_is_a_config_error():
+    with pytest.raises(ConfigError, match="must be an http"):
+        HttpTransport("ftp://example.org/v1", None, 1.0, 1)
+
+
+def test_a_proxy_setting_is_mentioned_for_a_remote_host(monkeypatch, caplog):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    with caplog.at_level(logging.WARNING, logger="capflow"):
+        HttpTransport("https://api.example.org/v1", None, 1.0, 1)  # no connection is made
+        HttpTransport("http://127.0.0.1:9/v1", None, 1.0, 1)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "serving.transport=sdk" in warnings[0]
