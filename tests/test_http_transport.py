@@ -7,6 +7,8 @@ import asyncio
 import gzip
 import json
 import logging
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -97,6 +99,39 @@ def test_a_kept_alive_connection_the_server_closed_is_replaced_without_an_error(
     result, seen = _serve(handler, client)
     assert result == [ANSWER, ANSWER]
     assert seen["connections"] == 2
+
+
+def test_a_clean_close_instead_of_an_answer_on_a_reused_connection_is_sent_again():
+    # The race a keep-alive timeout makes: the server closes the idle connection just as the
+    # next request goes out on it. That request is sent again on a new connection.
+    async def handler(reader, writer, n):
+        if n == 2:
+            writer.close()
+        else:
+            writer.write(_answer())
+
+    result, seen = _serve(handler, _twice)
+    assert result == [ANSWER, ANSWER]
+    assert seen == {"connections": 2, "requests": 3}
+
+
+def test_a_reset_is_left_to_the_engines_retries():
+    async def handler(reader, writer, n):
+        if n == 2:  # RST, not a clean close
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        else:
+            writer.write(_answer())
+
+    async def client(transport):
+        await transport.chat({"messages": []})
+        with pytest.raises(ServingError) as caught:
+            await transport.chat({"messages": []})
+        return caught.value.kind
+
+    kind, seen = _serve(handler, client)
+    assert kind == "ConnectionError" and seen["requests"] == 2
 
 
 def test_connection_close_answers_are_not_reused():

@@ -48,6 +48,7 @@ class _Connection(asyncio.Protocol):
         self.complete = False
         self.got_data = False
         self.keep_alive = False
+        self.closed_cleanly = False
         self.timer: asyncio.TimerHandle | None = None
 
     def begin(self, loop: asyncio.AbstractEventLoop, stream: bool) -> asyncio.Future[None]:
@@ -87,6 +88,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self.closed_cleanly = exc is None
         if self.waiter is None or self.complete:
             return
         if self.status and b"content-length" not in self.headers and not self._chunked():
@@ -234,11 +236,13 @@ class HttpTransport:
             conn.transport.writelines(parts)
             try:
                 await waiter
-            except ServingError as exc:
+            except ServingError:
                 conn.timer.cancel()
                 self._drop(conn)
-                # A kept-alive connection the server had closed meanwhile: once more, anew.
-                if reused and not conn.got_data and exc.kind == "ConnectionError":
+                # A kept-alive connection the server closed just as it was reused (a clean
+                # close, before any answer): once more on a new one. Anything else is left to
+                # the engine's retries, where it is counted.
+                if reused and conn.closed_cleanly and not conn.got_data:
                     continue
                 raise
             except BaseException:
