@@ -30,6 +30,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageStat
 from benchmarks.context import Context
 from benchmarks.harness import Server, capflow_command, run_measured
 from benchmarks.report import ScenarioResult, at_least, at_most, check, info
+from benchmarks.throughput import RSS_LIMIT_MB
 
 SIZE = (4000, 3000)
 QUALITY = 90
@@ -147,7 +148,7 @@ def prepare(ctx: Context) -> ScenarioResult:
         at_least("capflow rate / naive rate", rate / naive, 2.0, timing=True),
         info("image bytes to send / raw (MB)", f"{sent / 1e6:.1f} / {raw / 1e6:.1f}"),
         at_most("bytes to send / raw bytes", sent / raw, 0.10, "{:.3f}"),
-        info("capflow peak RSS (MB)", f"{run.max_rss_mb:.1f}"),
+        at_most("capflow peak RSS (MB)", run.max_rss_mb, RSS_LIMIT_MB, "{:.1f}"),
     )
     return res
 
@@ -197,7 +198,7 @@ def prepare_live(ctx: Context) -> ScenarioResult:
         info("expected in flight (rate x latency)", f"{rate * LIVE_LATENCY:.1f}"),
         at_least("min in flight / mean in flight", min(samples) / max(mean, 1e-9), 0.5,
                  timing=True),
-        info("capflow peak RSS (MB)", f"{run.max_rss_mb:.1f}"),
+        at_most("capflow peak RSS (MB)", run.max_rss_mb, RSS_LIMIT_MB, "{:.1f}"),
     )
     return res
 

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import zlib
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -172,7 +173,7 @@ class HttpTransport:
 
     async def list_models(self) -> list[str]:
         """The ids the server's ``/models`` lists."""
-        conn = await self._exchange([self._models_head], stream=False)
+        conn = await self._exchange(lambda: [self._models_head], stream=False)
         data = self._finish(conn)
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
             raise ServingError("BadResponse", "/models did not answer a model list",
@@ -181,12 +182,12 @@ class HttpTransport:
 
     async def chat(self, body: dict[str, Any]) -> Any:
         """POST ``body`` to ``/chat/completions``; the parsed JSON answer."""
-        return self._finish(await self._exchange(self._post(body), stream=False))
+        return self._finish(await self._exchange(lambda: self._post(body), stream=False))
 
     async def chat_stream(self, body: dict[str, Any]) -> Response:
         """POST ``body`` with ``stream: true``; the answer joined from its server-sent events."""
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-        conn = await self._exchange(self._post(body), stream=True)
+        conn = await self._exchange(lambda: self._post(body), stream=True)
         try:
             answer, buffer = StreamedAnswer(), b""
             while (piece := await conn.stream.get()) is not _END:  # type: ignore[union-attr]
@@ -224,16 +225,18 @@ class HttpTransport:
         payload = json.dumps(body, ensure_ascii=False).encode()
         return [self._chat_head, b"%d\r\n\r\n" % len(payload), payload]
 
-    async def _exchange(self, parts: list[bytes], stream: bool) -> _Connection:
-        """Send ``parts`` on a pooled connection and wait for the answer (for a stream: for
-        its headers, leaving ``conn.timer`` running)."""
+    async def _exchange(self, request: Callable[[], list[bytes]], stream: bool) -> _Connection:
+        """Send the bytes ``request()`` makes on a pooled connection, and wait for the answer
+        (for a stream: for its headers, leaving ``conn.timer`` running). The bytes are made
+        again for a second try rather than held while the answer is awaited: with hundreds
+        of images in flight, that is megabytes."""
         loop = asyncio.get_running_loop()
         for _ in range(2):
             conn, reused = await self._connection(loop)
             waiter = conn.begin(loop, stream)
             conn.timer = loop.call_later(self.timeout, conn.time_out, self.timeout)
             assert conn.transport is not None
-            conn.transport.writelines(parts)
+            conn.transport.writelines(request())
             try:
                 await waiter
             except ServingError:
