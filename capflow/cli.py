@@ -68,7 +68,8 @@ def console() -> None:
 
     A finished run has written and closed everything it owns; what the interpreter would do
     next, tearing down every module and object one by one, takes tens of milliseconds for a
-    process that is ending anyway. Exit handlers still run and output is flushed.
+    process that is ending anyway. Exit handlers still run and output is flushed; while any
+    other thread still works, the exit is the usual one.
     """
     try:
         main()
@@ -82,9 +83,14 @@ def console() -> None:
         code = EXIT_ERROR
     import atexit
     import logging
+    import threading
 
     run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
-    if run_exit_handlers is None:  # not CPython: let the interpreter end as it does
+    others = [t for t in threading.enumerate()
+              if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if run_exit_handlers is None or others:
+        # Not CPython, or a thread (a plugin's, say) still at work: the usual way out, which
+        # waits for it.
         sys.exit(code)
     run_exit_handlers()
     logging.shutdown()

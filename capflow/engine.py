@@ -240,6 +240,12 @@ class _Step:
                         self.summary.skipped += 1
                         self.progress.update()
                         continue
+                    if batch and self.active.locked():
+                        # No room for this row: send the rows already taken in, rather than
+                        # hold their places in a batch while waiting for one of them.
+                        await prep.reserve()
+                        self.spawn(self.prepare_batch(prep, batch))
+                        batch = []
                     await self.active.acquire()
                     if row.error:  # nothing to prepare
                         self.spawn(self.process(row, None), row=True)

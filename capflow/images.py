@@ -229,10 +229,12 @@ class ImagePreparer:
                 and img.mode in ("RGB", "L") and target != (width, height)):
             try:
                 out = shrink_jpeg(data, target, orientation, self.quality, img.mode == "L")
-            except JpegError as exc:
-                raise RowError("ImageUnreadable", f"broken image {where}: {exc}") from None
-            w, h = (target[1], target[0]) if orientation in (5, 6, 7, 8) else target
-            return _prepared(out, "image/jpeg", w, h, len(data))
+            except JpegError:
+                pass  # refused by its strict decode: Pillow's, which only refuses what is cut
+                # short or unreadable, decides below
+            else:
+                w, h = (target[1], target[0]) if orientation in (5, 6, 7, 8) else target
+                return _prepared(out, "image/jpeg", w, h, len(data))
         if source_format == "JPEG" and target[0] * 2 <= width:
             img.draft("RGB" if img.mode not in ("L", "CMYK") else img.mode, target)
         img.load()

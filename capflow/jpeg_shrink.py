@@ -4,14 +4,15 @@ Most of the images in a photo dataset are JPEGs far above the budget, and prepar
 the work that bounds a run on a small machine. libjpeg-turbo (through simplejpeg) decodes
 straight to the smallest of its scales, 1/8 to 8/8, that still covers the target: its DCT
 scaling does most of the shrink while decoding, and filters out the detail the smaller image
-cannot hold. What remains is at most 4/3x (under 2x at 1/8 scale). OpenCV finishes it with
-area averaging, an antialiasing filter that keeps as much as Pillow's bilinear one, or up to
-1.2x, where the two measure the same, with linear interpolation, five times cheaper
-(``tests/test_jpeg_shrink.py`` holds this path to Pillow's on fine stripes and noise). The
-pixels never pass through Pillow, which would copy them twice, and the whole path runs
-without the GIL.
+cannot hold. What remains is under 2x (at most 1.5x from 1/4 scale up), unless the target is
+below 1/8 scale. OpenCV finishes it with area averaging, an antialiasing filter that keeps as
+much as Pillow's bilinear one, or, up to 1.2x, where the two measure the same, with linear
+interpolation, five times cheaper (``tests/test_jpeg_shrink.py`` holds this path to Pillow's
+on fine stripes and noise). The pixels never pass through Pillow, which would copy them
+twice, and the whole path runs without the GIL.
 
-Decoding is strict: a truncated file, or one with corrupt data, is an error, as with Pillow.
+Decoding is strict: libjpeg's warnings (corrupt data, a file cut short) are errors here, and
+the caller then hands the file to Pillow, whose decoder refuses only what it cannot read.
 """
 
 from __future__ import annotations

@@ -122,6 +122,19 @@ def test_a_users_primary_config_can_make_a_run_a_sweep(server, tmp_path):
     assert len({r.system for r in server.requests}) == 2
 
 
+def test_a_config_group_that_sets_multirun_still_makes_a_sweep(server, tmp_path):
+    data, _ = make_dataset(tmp_path, 3)
+    (tmp_path / "extra" / "sweep").mkdir(parents=True)
+    (tmp_path / "extra" / "sweep" / "two.yaml").write_text(
+        "# @package _global_\nhydra:\n  mode: MULTIRUN\n"
+        "  sweeper:\n    params:\n      prompt: concise,detailed\n"
+    )
+    result = run_capflow(f"hydra.searchpath=[file://{tmp_path / 'extra'}]", "+sweep=two",
+                         *_common(server, data, Path("out.jsonl")), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(sorted(tmp_path.glob("multirun/*/*/*/out.jsonl"))) == 2
+
+
 @pytest.mark.parametrize("transport", ["http", "aiohttp", "sdk"])
 def test_api_key_is_sent_but_never_written(tmp_path, transport):
     from capflow.testing.server import FakeOpenAIServer

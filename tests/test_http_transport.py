@@ -282,3 +282,105 @@ def test_a_proxy_setting_is_mentioned_for_a_remote_host(monkeypatch, caplog):
         HttpTransport("http://127.0.0.1:9/v1", None, 1.0, 1)
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "serving.transport=sdk" in warnings[0]
+
+
+def test_interim_1xx_answers_are_skipped_and_answers_stay_with_their_requests():
+    async def handler(reader, writer, n):
+        body = json.dumps({"n": n}).encode()
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>\r\n\r\n" + _answer(body))
+
+    async def client(transport):
+        return [await transport.chat({"messages": []}) for _ in range(3)]
+
+    result, seen = _serve(handler, client)
+    assert result == [{"n": 1}, {"n": 2}, {"n": 3}]
+    assert seen["connections"] == 1
+
+
+def test_two_stale_connections_in_a_row_still_get_an_answer():
+    # Both pooled connections are closed by the server when next used: the second try must
+    # go to a new connection, not to the next stale one.
+    per_connection: dict[int, int] = {}
+
+    async def handler(reader, writer, n):
+        per_connection[id(writer)] = per_connection.get(id(writer), 0) + 1
+        if per_connection[id(writer)] > 1:  # every connection answers once only
+            writer.close()
+        else:
+            writer.write(_answer())
+
+    async def client(transport):
+        await asyncio.gather(transport.chat({"messages": []}), transport.chat({"messages": []}))
+        return await transport.chat({"messages": []})
+
+    result, seen = _serve(handler, client)
+    assert result == ANSWER
+    assert seen == {"connections": 3, "requests": 4}
+
+
+def test_a_gzipped_stream_is_decompressed():
+    sse = (b'data: {"choices": [{"delta": {"content": "zipped"}, "finish_reason": "stop"}]}\n\n'
+           b"data: [DONE]\n\n")
+    packed = gzip.compress(sse)
+
+    async def handler(reader, writer, n):
+        chunks = [packed[:20], packed[20:]]
+        body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+        writer.write(_answer(body, "Content-Encoding: gzip", "Transfer-Encoding: chunked"))
+
+    async def client(transport):
+        return await transport.chat_stream({"messages": []})
+
+    response, _ = _serve(handler, client)
+    assert response.text == "zipped"
+
+
+def test_malformed_stream_chunks_are_bad_responses():
+    sse = b'data: {"choices": ["x"]}\n\ndata: [DONE]\n\n'
+
+    async def handler(reader, writer, n):
+        writer.write(_answer(sse, "Content-Type: text/event-stream"))
+
+    async def client(transport):
+        with pytest.raises(ServingError) as caught:
+            await transport.chat_stream({"messages": []})
+        return caught.value.kind
+
+    kind, _ = _serve(handler, client)
+    assert kind == "BadResponse"
+
+
+def test_a_body_that_is_not_json_serialisable_is_a_bad_request():
+    async def handler(reader, writer, n):
+        writer.write(_answer())
+
+    async def client(transport):
+        with pytest.raises(ServingError) as caught:
+            await transport.chat({"messages": [], "extra": object()})
+        return caught.value
+
+    error, seen = _serve(handler, client)
+    assert error.kind == "BadRequest" and not error.transient
+    assert seen["connections"] == 0
+
+
+def test_a_reset_in_a_close_delimited_body_is_a_connection_error():
+    async def handler(reader, writer, n):
+        writer.write(b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"choi')
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    async def client(transport):
+        with pytest.raises(ServingError) as caught:
+            await transport.chat({"messages": []})
+        return caught.value.kind
+
+    kind, _ = _serve(handler, client)
+    assert kind == "ConnectionError"
+
+
+def test_a_bad_port_is_a_config_error():
+    with pytest.raises(ConfigError, match="bad port"):
+        HttpTransport("http://127.0.0.1:99999/v1", None, 1.0, 1)

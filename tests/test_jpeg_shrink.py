@@ -138,3 +138,16 @@ def test_a_damaged_large_jpeg_is_a_row_error(tmp_path, damage):
     with pytest.raises(RowError, match="broken image p.jpg") as caught:
         ImagePreparer(max_side=800, max_pixels=None).prepare("p.jpg", tmp_path)
     assert caught.value.kind == "ImageUnreadable"
+
+
+def test_a_jpeg_with_a_recoverable_flaw_is_accepted_as_pillow_accepts_it(tmp_path):
+    # Stray bytes before a marker: libjpeg warns and decodes. The strict fast path refuses
+    # the file, and Pillow's path, which accepts it, decides.
+    data = _jpeg(_textured((1600, 1200)))
+    sos = data.index(b"\xff\xda")
+    flawed = data[:sos] + b"\x00\x00\x00" + data[sos:]
+    (tmp_path / "p.jpg").write_bytes(flawed)
+    with pytest.raises(JpegError):
+        shrink_jpeg(flawed, (800, 600), 1, 80, gray=False)
+    prepared = ImagePreparer(max_side=800, max_pixels=None).prepare("p.jpg", tmp_path)
+    assert _decoded(prepared).size == (800, 600)

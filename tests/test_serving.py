@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
 
 import pytest
 from conftest import expected_caption, make_dataset, read_rows
@@ -146,3 +148,26 @@ def test_max_workers_bounds_requests_in_flight(tmp_path):
         op.run(FileStorage(str(data), cache_path=str(tmp_path)).step(),
                settings=EngineSettings(report=False))
         assert server.stats()["max_in_flight"] == 5
+
+
+def test_cheap_rows_and_one_worker_do_not_stall_the_run(tmp_path):
+    # Rows that prepare in microseconds grow the preparation batches past the few rows that
+    # may be in progress with max_workers=1: a partial batch must go out rather than wait.
+    rows = [{"id": i, "image": [f"https://example.org/{i}.png"],
+             "conversation": [{"from": "human", "value": "<image>\nWhat is shown?"}]}
+            for i in range(3000)]
+    data = tmp_path / "urls.json"
+    data.write_text(json.dumps(rows))
+    serving = OpenAIServing(api_url=None, model_name="m", max_workers=1)
+    op = PromptedVQAGenerator(serving, output_answer_key="caption")
+    summaries = []
+    runner = threading.Thread(
+        target=lambda: summaries.append(op.run(
+            FileStorage(str(data), cache_path=str(tmp_path)).step(), dry_run=True,
+            settings=EngineSettings(report=False, prepare_workers=1))),
+        daemon=True,
+    )
+    runner.start()
+    runner.join(60)
+    assert not runner.is_alive(), "the run stalled"
+    assert summaries[0].done == 3000 and summaries[0].failed == 0

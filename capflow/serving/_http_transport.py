@@ -80,6 +80,10 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.waiter is None:  # bytes nobody asked for: the connection cannot be trusted
+            self.fail(ServingError("BadResponse", "unexpected data from the server",
+                                   transient=True))
+            return
         self.got_data = True
         try:
             self.parser.feed_data(data)
@@ -92,7 +96,8 @@ class _Connection(asyncio.Protocol):
         self.closed_cleanly = exc is None
         if self.waiter is None or self.complete:
             return
-        if self.status and b"content-length" not in self.headers and not self._chunked():
+        if (exc is None and self.status and b"content-length" not in self.headers
+                and not self._chunked()):
             self.on_message_complete()  # a body that ends where the connection does
             return
         reason = f": {exc}" if exc else ""
@@ -108,18 +113,30 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers[name.lower()] = value
 
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second answer to one request: never reuse this connection
+            self.keep_alive = False
+            self.lost = True
+
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        if self._interim():
+            return
         if self.stream is not None and self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        if self._interim():
+            return
         if self.stream is not None:
             self.stream.put_nowait(body)
         else:
             self.chunks.append(body)
 
     def on_message_complete(self) -> None:
+        if self._interim():  # 100 Continue, 103 Early Hints: the answer is still to come
+            self.status, self.reason, self.headers = 0, b"", {}
+            return
         self.keep_alive = self.parser.should_keep_alive()  # only known until the next message
         self.complete = True
         if self.stream is not None:
@@ -127,15 +144,18 @@ class _Connection(asyncio.Protocol):
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
+    def _interim(self) -> bool:
+        return 100 <= self.status < 200 and self.status != 101
+
     def _chunked(self) -> bool:
         return b"chunked" in self.headers.get(b"transfer-encoding", b"").lower()
 
     def body(self) -> bytes:
         data = b"".join(self.chunks)
-        encoding = self.headers.get(b"content-encoding", b"").lower()
-        if encoding in (b"gzip", b"deflate"):
+        unpack = _decompressor(self.headers.get(b"content-encoding", b""))
+        if unpack is not None:
             try:
-                data = zlib.decompress(data, 47 if encoding == b"gzip" else 15)
+                data = unpack.decompress(data) + unpack.flush()
             except zlib.error as exc:
                 raise ServingError("BadResponse", f"cannot decompress the answer: {exc}",
                                    transient=True) from None
@@ -149,9 +169,13 @@ class HttpTransport:
         parts = urlsplit(api_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"serving.api_url must be an http(s) URL, not {api_url!r}")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"serving.api_url has a bad port: {api_url!r}") from None
         self.timeout = timeout
         self.host = parts.hostname
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.port = port or (443 if parts.scheme == "https" else 80)
         self.ssl: Any = None
         if parts.scheme == "https":
             import ssl  # only TLS connections pay for it
@@ -190,12 +214,19 @@ class HttpTransport:
         conn = await self._exchange(lambda: self._post(body), stream=True)
         try:
             answer, buffer = StreamedAnswer(), b""
+            unpack = _decompressor(conn.headers.get(b"content-encoding", b""))
             while (piece := await conn.stream.get()) is not _END:  # type: ignore[union-attr]
                 if isinstance(piece, ServingError):
                     raise piece
                 if conn.status >= 400:  # an error answer: its body is JSON, read below
                     conn.chunks.append(piece)
                     continue
+                if unpack is not None:
+                    try:
+                        piece = unpack.decompress(piece)
+                    except zlib.error as exc:
+                        raise ServingError("BadResponse", f"cannot decompress the stream: {exc}",
+                                           transient=True) from None
                 buffer += piece
                 *lines, buffer = buffer.split(b"\n")
                 for raw in lines:
@@ -231,12 +262,18 @@ class HttpTransport:
         again for a second try rather than held while the answer is awaited: with hundreds
         of images in flight, that is megabytes."""
         loop = asyncio.get_running_loop()
-        for _ in range(2):
-            conn, reused = await self._connection(loop)
+        for again in (False, True):
+            try:
+                data = request()
+            except (TypeError, ValueError) as exc:
+                raise ServingError("BadRequest", f"the request cannot be sent as JSON: {exc}",
+                                   transient=False) from None
+            conn, reused = await self._connection(loop, fresh=again)
             waiter = conn.begin(loop, stream)
             conn.timer = loop.call_later(self.timeout, conn.time_out, self.timeout)
             assert conn.transport is not None
-            conn.transport.writelines(request())
+            conn.transport.writelines(data)
+            del data  # not held while the answer is awaited
             try:
                 await waiter
             except ServingError:
@@ -255,11 +292,12 @@ class HttpTransport:
             if not stream:
                 conn.timer.cancel()
             return conn
-        raise AssertionError("unreachable")  # the second try is on a fresh connection
+        raise AssertionError("unreachable: the second try is on a new connection")
 
-    async def _connection(self, loop: asyncio.AbstractEventLoop) -> tuple[_Connection, bool]:
+    async def _connection(self, loop: asyncio.AbstractEventLoop,
+                          fresh: bool = False) -> tuple[_Connection, bool]:
         """An idle connection of the pool (and True), or a new one (and False)."""
-        while self._idle:
+        while self._idle and not fresh:
             conn = self._idle.pop()
             if not conn.lost:
                 self._busy.add(conn)
@@ -276,6 +314,9 @@ class HttpTransport:
         except OSError as exc:
             raise ServingError("ConnectionError", f"cannot connect to {self.host}:{self.port}:"
                                f" {exc.strerror or exc}", transient=True) from None
+        except ValueError as exc:  # e.g. a host name no resolver can encode
+            raise ServingError("ConnectionError", f"cannot connect to {self.host}: {exc}",
+                               transient=False) from None
         self._busy.add(conn)
         return conn, False
 
@@ -306,6 +347,14 @@ class HttpTransport:
                 conn.transport.close()
         self._idle.clear()
         self._busy.clear()
+
+
+def _decompressor(encoding: bytes) -> Any:
+    """A zlib decompressor for a gzip or deflate ``Content-Encoding``, else None."""
+    encoding = encoding.lower()
+    if encoding in (b"gzip", b"deflate"):
+        return zlib.decompressobj(47 if encoding == b"gzip" else 15)
+    return None
 
 
 def _warn_about_proxies(host: str, scheme: str) -> None:

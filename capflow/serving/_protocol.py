@@ -80,8 +80,13 @@ class StreamedAnswer:
         if chunk.get("usage"):
             u = chunk["usage"]
             self.usage = Usage(u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0)
-        for choice in chunk.get("choices") or ():
-            content = (choice.get("delta") or {}).get("content")
+        choices = chunk.get("choices") or ()
+        if not isinstance(choices, (list, tuple)) or not all(isinstance(c, dict) for c in choices):
+            raise ServingError("BadResponse", "stream chunk has malformed choices",
+                               transient=True)
+        for choice in choices:
+            delta = choice.get("delta") or {}
+            content = delta.get("content") if isinstance(delta, dict) else None
             if content:
                 self.parts.append(content)
             self.finish = choice.get("finish_reason") or self.finish
