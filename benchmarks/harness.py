@@ -1,9 +1,9 @@
 """Processes under measurement: the fake server, and a client run with its wall time and rusage.
 
 The server always runs as its own process, so none of its CPU is charged to the client. A
-client run is timed from just before it is spawned (``time.monotonic()``, the clock the server
-stamps requests with) to its reaping by ``os.wait4``, which also yields the child's own user
-and system CPU time and peak RSS.
+client is started by a small launcher process, which forks it and times it from just before
+the fork (``time.monotonic()``, the clock the server stamps requests with) to its reaping by
+``os.wait4``, which also yields the client's own user and system CPU time and peak RSS.
 """
 
 from __future__ import annotations
@@ -113,6 +113,30 @@ def parse_summary(text: str) -> dict[str, float]:
     return found
 
 
+# Clients are started by this small launcher, which forks them and reports their rusage. A
+# process spawned straight from the benchmark (vfork, then exec) inherits the benchmark's own
+# peak RSS as a floor on its ru_maxrss: after a scenario that verified 100,000 rows here,
+# every later client would seem to use hundreds of MB.
+_LAUNCHER = """
+import json, os, sys, time
+argv, report = json.loads(sys.argv[1]), int(sys.argv[2])
+started = time.monotonic()
+pid = os.fork()
+if pid == 0:
+    os.close(report)
+    try:
+        os.execvp(argv[0], argv)
+    finally:
+        os._exit(127)
+os.write(report, (json.dumps({"pid": pid, "started": started}) + "\\n").encode())
+_, status, usage = os.wait4(pid, 0)
+os.write(report, (json.dumps({"ended": time.monotonic(),
+                              "status": os.waitstatus_to_exitcode(status),
+                              "user": usage.ru_utime, "sys": usage.ru_stime,
+                              "maxrss": usage.ru_maxrss}) + "\\n").encode())
+"""
+
+
 def run_measured(
     argv: list[str], cwd: Path, *, label: str = "client",
     kill_after: float | Callable[[float], float] | None = None,
@@ -123,11 +147,21 @@ def run_measured(
     child runs, and returns that delay. Output is kept in ``cwd/<label>.stdout``/``.stderr``."""
     cwd.mkdir(parents=True, exist_ok=True)
     out_path, err_path = cwd / f"{label}.stdout", cwd / f"{label}.stderr"
-    with open(out_path, "w+b") as out, open(err_path, "w+b") as err:
-        started = time.monotonic()
-        proc = subprocess.Popen(argv, cwd=cwd, env=client_env(env), stdout=out, stderr=err,
-                                stdin=subprocess.DEVNULL)
-        pidfd = os.pidfd_open(proc.pid)
+    read_end, write_end = os.pipe()
+    with open(out_path, "w+b") as out, open(err_path, "w+b") as err, \
+            os.fdopen(read_end, "rb") as reports:
+        launcher = subprocess.Popen(
+            [sys.executable, "-S", "-c", _LAUNCHER, json.dumps(argv), str(write_end)],
+            cwd=cwd, env=client_env(env), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+            pass_fds=(write_end,))
+        os.close(write_end)
+        first = reports.readline()
+        if not first:
+            launcher.wait()
+            raise RuntimeError(f"the client launcher failed: {_read(err)[-300:]}")
+        spawn = json.loads(first)
+        started = spawn["started"]
+        pidfd = os.pidfd_open(spawn["pid"])
         try:
             if callable(kill_after):
                 kill_after = kill_after(started)
@@ -140,15 +174,15 @@ def run_measured(
             if not ready:  # pidfd: never signals a recycled pid
                 with contextlib.suppress(ProcessLookupError):  # it ended just now
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            _, status, usage = os.wait4(proc.pid, 0)
-            wall = time.monotonic() - started
+            end = json.loads(reports.readline())
+            launcher.wait()
             os.close(pidfd)
-        proc.returncode = os.waitstatus_to_exitcode(status)
         stdout, stderr = _read(out), _read(err)
-    if kill_after is None and proc.returncode == -signal.SIGKILL:
+    returncode = end["status"]
+    if kill_after is None and returncode == -signal.SIGKILL:
         stderr += f"\n(benchmark: killed after the {timeout:.0f} s timeout)"
-    return RunResult(argv, started, wall, proc.returncode, usage.ru_utime, usage.ru_stime,
-                     usage.ru_maxrss / 1024, stdout, stderr, parse_summary(stdout))
+    return RunResult(argv, started, end["ended"] - started, returncode, end["user"],
+                     end["sys"], end["maxrss"] / 1024, stdout, stderr, parse_summary(stdout))
 
 
 def _read(f: IO[bytes]) -> str:

@@ -34,7 +34,7 @@ class RetryPolicy:
     :param max_time: the most seconds one row may spend on tries and waits; None: no bound.
     """
 
-    max_attempts: int = 5
+    max_attempts: int = 8
     initial_wait: float = 1.0
     max_wait: float = 30.0
     max_time: float | None = 600.0
