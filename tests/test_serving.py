@@ -153,7 +153,7 @@ def test_max_workers_bounds_requests_in_flight(tmp_path):
 def test_cheap_rows_and_one_worker_do_not_stall_the_run(tmp_path):
     # Rows that prepare in microseconds grow the preparation batches past the few rows that
     # may be in progress with max_workers=1: a partial batch must go out rather than wait.
-    rows = [{"id": i, "image": [f"https://example.org/{i}.png"],
+    rows = [{"id": i, "image": [f"http://127.0.0.1:9/{i}.png"],
              "conversation": [{"from": "human", "value": "<image>\nWhat is shown?"}]}
             for i in range(3000)]
     data = tmp_path / "urls.json"

@@ -65,14 +65,9 @@ class AiohttpTransport:
                 if resp.status >= 400:
                     await self._json(resp)  # raises the status error
                 async for raw in resp.content:
-                    line = raw.strip()
-                    if not line.startswith(b"data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
-                        answer.done = True
+                    answer.add_line(raw)
+                    if answer.done:
                         break
-                    answer.add(json.loads(data))
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             raise self._error(exc) from None
         return answer.response()

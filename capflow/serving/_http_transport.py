@@ -230,18 +230,7 @@ class HttpTransport:
                 buffer += piece
                 *lines, buffer = buffer.split(b"\n")
                 for raw in lines:
-                    line = raw.strip()
-                    if not line.startswith(b"data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
-                        answer.done = True
-                        continue
-                    try:
-                        answer.add(json.loads(data))
-                    except ValueError as exc:
-                        raise ServingError("BadResponse", f"unreadable stream chunk: {exc}",
-                                           transient=True) from None
+                    answer.add_line(raw)
         except BaseException:
             self._drop(conn)
             raise

@@ -91,6 +91,23 @@ class StreamedAnswer:
                 self.parts.append(content)
             self.finish = choice.get("finish_reason") or self.finish
 
+    def add_line(self, raw: bytes) -> None:
+        """Take in one line of a server-sent event stream (``data: {...}``, ``data: [DONE]``;
+        other lines are ignored)."""
+        line = raw.strip()
+        if not line.startswith(b"data:"):
+            return
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            self.done = True
+            return
+        try:
+            chunk = json.loads(data)
+        except ValueError as exc:
+            raise ServingError("BadResponse", f"unreadable stream chunk: {exc}",
+                               transient=True) from None
+        self.add(chunk)
+
     def response(self) -> Response:
         """The whole answer."""
         if not (self.done or self.finish):
