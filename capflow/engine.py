@@ -156,6 +156,7 @@ class _Step:
 
     def open_stores(self) -> None:
         """Open the response cache and the run journal (a clear error when they cannot be)."""
+        self.storage.check()  # before anything is created or sent
         self.serving_key = self.serving.describe()
         cache_path = self.settings.cache_path
         try:

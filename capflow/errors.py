@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class CapflowError(Exception):
     """Base class for capflow's own errors."""
@@ -37,6 +39,8 @@ class ServingError(CapflowError):
 
     :param retry_after: seconds the server asked us to wait (``Retry-After``), if it said.
     :param status: the HTTP status, when there was one.
+    :param rate_limits: what the server's rate-limit headers said, when it sent them
+        (a ``capflow.serving.ratelimit_headers.RateLimitInfo``).
     """
 
     def __init__(
@@ -47,9 +51,11 @@ class ServingError(CapflowError):
         transient: bool,
         retry_after: float | None = None,
         status: int | None = None,
+        rate_limits: Any = None,
     ) -> None:
         super().__init__(message)
         self.kind = kind
         self.transient = transient
         self.retry_after = retry_after
         self.status = status
+        self.rate_limits = rate_limits

@@ -27,7 +27,8 @@ class Request:
 
 @dataclass(slots=True)
 class Usage:
-    """Token counts the server reported."""
+    """Token counts the server reported; both zero when it reported none (capflow then
+    estimates them for budgets and the summary)."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -35,9 +36,18 @@ class Usage:
 
 @dataclass(slots=True)
 class Response:
-    """What a serving returns for one request."""
+    """What a serving returns for one request.
+
+    :param text: the answer's text (text parts joined; ``""`` when there is none).
+    :param finish_reason: why the answer ended (``stop``, ``length``, ``content_filter``, ...).
+    :param refusal: the model's refusal message, when it refused instead of answering.
+    :param rate_limits: what the server's rate-limit headers said, when it sent them
+        (a ``capflow.serving.ratelimit_headers.RateLimitInfo``).
+    """
 
     text: str
     usage: Usage = field(default_factory=Usage)
     finish_reason: str | None = None
     model: str | None = None
+    refusal: str | None = None
+    rate_limits: Any = None

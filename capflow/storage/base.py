@@ -25,6 +25,11 @@ class Storage(ABC):
     def read(self) -> Iterator[Row]:
         """The step's input rows, streamed in order."""
 
+    def check(self) -> None:
+        """Find what would make the step fail before anything is spent: an input that cannot
+        be read or decoded, an output that cannot be written. Raise
+        ``capflow.errors.ConfigError`` with a one-line message; the default checks nothing."""
+
     def count(self, cheap_only: bool = False) -> int | None:
         """How many rows ``read()`` will yield, or None when unknown. With ``cheap_only``, only
         when it costs much less than reading the rows (else None)."""
