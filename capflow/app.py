@@ -90,6 +90,10 @@ def run_job(cfg: DictConfig) -> list[RunSummary]:
         retry_failed=bool(cfg.retry_failed),
         failed_output=_in_job_dir(cfg.failed_output),
         progress=bool(cfg.progress),
+        adaptive=bool(cfg.adaptive),
+        outage_s=float(cfg.stop.outage_s),
+        accept_truncated=bool(cfg.accept_truncated),
+        share_endpoints=bool(cfg.cache.share_endpoints),
     )
     summaries = []
     for n, op in enumerate(operators):

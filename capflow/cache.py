@@ -9,6 +9,7 @@ one cache file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -24,7 +25,8 @@ CREATE TABLE IF NOT EXISTS responses (
     prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL,
     finish_reason TEXT,
-    model TEXT
+    model TEXT,
+    refusal TEXT
 );
 """
 
@@ -49,6 +51,10 @@ class ResponseCache:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(responses)")}
+        if "refusal" not in columns:  # a cache written by an earlier capflow
+            with contextlib.suppress(sqlite3.OperationalError):  # another run just added it
+                self._db.execute("ALTER TABLE responses ADD COLUMN refusal TEXT")
         self._pending: list[tuple] = []
         self.hits = 0
         self.stored = 0
@@ -56,21 +62,21 @@ class ResponseCache:
     def get(self, key: str) -> Response | None:
         """The stored response for ``key``, or None."""
         row = self._db.execute(
-            "SELECT text, prompt_tokens, completion_tokens, finish_reason, model"
+            "SELECT text, prompt_tokens, completion_tokens, finish_reason, model, refusal"
             " FROM responses WHERE key=?",
             (key,),
         ).fetchone()
         if row is None:
             return None
         self.hits += 1
-        text, prompt, completion, finish, model = row
-        return Response(text, Usage(prompt, completion), finish, model)
+        text, prompt, completion, finish, model, refusal = row
+        return Response(text, Usage(prompt, completion), finish, model, refusal)
 
     def put(self, key: str, response: Response) -> None:
         """Queue ``response`` for the next ``commit``."""
         usage = response.usage
         self._pending.append((key, response.text, usage.prompt_tokens, usage.completion_tokens,
-                              response.finish_reason, response.model))
+                              response.finish_reason, response.model, response.refusal))
 
     def commit(self) -> None:
         """Make every queued response durable in one transaction."""
@@ -79,7 +85,8 @@ class ResponseCache:
         try:
             self._db.execute("BEGIN")
             self._db.executemany(
-                "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)", self._pending
+                "INSERT OR REPLACE INTO responses (key, text, prompt_tokens, completion_tokens,"
+                " finish_reason, model, refusal) VALUES (?, ?, ?, ?, ?, ?, ?)", self._pending
             )
             self._db.execute("COMMIT")
         except sqlite3.Error:

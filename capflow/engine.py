@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -22,17 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from capflow.answers import check_answer
 from capflow.cache import ResponseCache, request_key
-from capflow.errors import ConfigError, RowError, ServingError
+from capflow.errors import CapflowError, ConfigError, RowError, ServingError
 from capflow.observers import ObserverHooks
 from capflow.plugins import get_plugin_manager
 from capflow.prepare_pool import PreparePool
 from capflow.progress import Progress
-from capflow.ratelimit import RateLimiter
-from capflow.request import Request, Response
+from capflow.redaction import clean_message
+from capflow.request import Request
 from capflow.retry import RetryPolicy
 from capflow.rows import Row
 from capflow.run import RowResult, RunInfo, RunSummary
+from capflow.sending import Sender, Stopped
 from capflow.stop_rules import StopRules
 from capflow.storage.journal import RunJournal
 from capflow.summary import format_summary
@@ -62,6 +65,13 @@ class EngineSettings:
     :param prepare_workers: threads preparing rows (default: one per core, plus one).
     :param progress: show a progress bar on a terminal.
     :param report: print the summary when the step ends.
+    :param adaptive: adapt the requests in flight (``max_workers`` the ceiling) and the pace
+        to the server: its latency, timeouts and 429s.
+    :param outage_s: stop the run when every request has failed the same way this long.
+    :param accept_truncated: keep answers cut off at the token limit as they are (else they
+        are ``Truncated`` row errors).
+    :param share_endpoints: the response cache and the journal leave the endpoint out of
+        their keys, so endpoints serving one model share answers.
     """
 
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -74,6 +84,10 @@ class EngineSettings:
     prepare_workers: int | None = None
     progress: bool = True
     report: bool = True
+    adaptive: bool = True
+    outage_s: float = 60.0
+    accept_truncated: bool = False
+    share_endpoints: bool = False
 
 
 def run_step(
@@ -99,8 +113,7 @@ def _run_loop(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-class _Stopped(Exception):
-    """The run is stopping: the row is left for a later run."""
+_Stopped = Stopped  # the run is stopping: the row is left for a later run
 
 
 class _Step:
@@ -115,23 +128,24 @@ class _Step:
         self.wake_writer = asyncio.Event()
         self.journal: RunJournal | None = None
         self.cache: ResponseCache | None = None
-        self.limiter = RateLimiter(settings.rpm, settings.tpm)
         self.rules = settings.stop
+        self.sender = Sender(self.serving, self.summary, self.rules, self.stop,
+                             rpm=settings.rpm, tpm=settings.tpm, adaptive=settings.adaptive,
+                             outage_s=settings.outage_s)
         self.progress = Progress(None, enabled=False)
-        self.in_flight = asyncio.Semaphore(max(1, int(self.serving.max_workers)))
         self.started = False
         self.serving_key: dict[str, Any] = {}
-        self.reserved_tokens = 0  # estimated tokens of requests in flight (for budgets)
         self.tasks: set[asyncio.Task] = set()
         self.active = asyncio.Semaphore(1)  # rows in progress, sized in produce()
 
     def fingerprint(self) -> str:
-        what = [self.storage.input_identity(), self.op.describe(), self.serving.describe()]
+        what = [self.storage.input_identity(), self.op.describe(), self.serving_key]
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
     def stop(self, reason: str) -> None:
         if self.summary.stopped is None:
-            self.summary.stopped = reason
+            self.summary.stopped = clean_message(reason)
+            self.sender.stopping(self.summary.stopped)
 
     async def run(self) -> RunSummary:
         began = time.perf_counter()
@@ -151,13 +165,16 @@ class _Step:
             summary.total = summary.rows  # the whole input was read
         summary.cost = self.rules.cost(summary.prompt_tokens, summary.completion_tokens)
         summary.elapsed = time.perf_counter() - began
+        self.sender.report(summary)
         self.hook.capflow_run_end(summary=summary)
         return summary
 
     def open_stores(self) -> None:
         """Open the response cache and the run journal (a clear error when they cannot be)."""
         self.storage.check()  # before anything is created or sent
-        self.serving_key = self.serving.describe()
+        self.serving_key = dict(self.serving.describe())
+        if self.settings.share_endpoints:
+            self.serving_key.pop("endpoint", None)
         cache_path = self.settings.cache_path
         try:
             # A dry run reads an existing cache (to say what it would answer) but creates none.
@@ -172,18 +189,31 @@ class _Step:
                               ) from None
 
     def close_stores(self) -> None:
-        """Write the step's output from the journal and close both stores."""
+        """Write the step's output from the journal and close both stores. A store that cannot
+        be written (a full disk) stops the run with a one-line reason, after the summary."""
         summary = self.summary
-        self.flush()
+        try:
+            self.flush()
+        except sqlite3.Error as exc:
+            self.stop(_store_failure(exc, self.journal))
         if self.cache is not None:
             summary.cache_hits = self.cache.hits
-            summary.cache_size = self.cache.size()
-            self.cache.close()
+            with contextlib.suppress(sqlite3.Error):
+                summary.cache_size = self.cache.size()
+                self.cache.close()
         if self.journal is not None:
             summary.output_ok, summary.output_failed = self.journal.counts()
-            self.storage.write(self.journal.lines())
-            self.write_failed()
-            self.journal.close()
+            try:
+                self.storage.write(self.journal.lines())
+                self.write_failed()
+            except CapflowError as exc:
+                self.stop(str(exc))
+            except OSError as exc:
+                self.stop(f"cannot write {self.storage.output_name}: {exc.strerror or exc};"
+                          f" the finished rows are kept in {self.journal.path}: run the same"
+                          " command again once that is fixed")
+            finally:
+                self.journal.close()
 
     async def run_rows(self) -> None:
         settings = self.settings
@@ -196,7 +226,7 @@ class _Step:
                 type(self.serving).__name__, total, self.dry_run,
             )
         )
-        self.progress = Progress(total, enabled=settings.progress)
+        self.progress = Progress(total, enabled=settings.progress, status=self.sender.status)
         writer = asyncio.create_task(self.write_loop())
         main = asyncio.current_task()
         loop = asyncio.get_running_loop()
@@ -304,9 +334,12 @@ class _Step:
                 self.finish(row, fields={})
                 return
             if response is None:
-                response = await self.settings.retry.call(self.attempt, request, self.count_retry)
+                response = await self.settings.retry.call(
+                    functools.partial(self.sender.send, row=row.index), request, self.count_retry
+                )
                 if key:
                     self.cache.put(key, response)
+            check_answer(response, self.settings.accept_truncated)
             fields = self.op.apply(row, response)
         except _Stopped:
             return
@@ -314,56 +347,17 @@ class _Step:
             self.finish(row, error=exc.record())
             return
         except ServingError as exc:
-            self.finish(row, error={"type": exc.kind, "message": str(exc), "stage": "request"})
+            self.finish(row, error={"type": exc.kind, "message": clean_message(exc),
+                                    "stage": "request"})
             return
         except Exception as exc:  # a bug in an operator or serving must not end the run
-            self.finish(row, error={"type": type(exc).__name__, "message": str(exc),
+            self.finish(row, error={"type": type(exc).__name__, "message": clean_message(exc),
                                     "stage": "request"})
             return
         try:
             self.finish(row, fields=fields)
         except (TypeError, ValueError) as exc:  # fields that cannot be written as JSON
             self.finish(row, error={"type": "BadOutput", "message": str(exc), "stage": "apply"})
-
-    async def attempt(self, request: Request) -> Response:
-        """Send one request: wait for an in-flight slot and the rate limiter, then the serving."""
-        async with self.in_flight:
-            if self.summary.stopped:
-                raise _Stopped
-            if self.limiter.active:
-                await self.limiter.acquire(request.estimated_tokens)
-            # Budgets count what is in flight too, so the last requests cannot overshoot them.
-            reason = self.rules.before_request(
-                self.summary.prompt_tokens, self.summary.completion_tokens,
-                self.reserved_tokens + request.estimated_tokens,
-            )
-            if reason:
-                self.stop(reason)
-                raise _Stopped
-            self.summary.requests += 1
-            self.reserved_tokens += request.estimated_tokens
-            try:
-                response = await self.serving.complete(request)
-            except ServingError as exc:
-                if exc.status == 429 and self.limiter.active:
-                    self.limiter.rate_limited(exc.retry_after)
-                reason = self.rules.after_request(exc.kind, str(exc))
-                if reason:
-                    self.stop(reason)
-                raise
-            finally:
-                self.reserved_tokens -= request.estimated_tokens
-        self.limiter.succeeded()
-        usage = response.usage
-        self.limiter.correct(request.estimated_tokens,
-                             usage.prompt_tokens + usage.completion_tokens)
-        self.summary.prompt_tokens += usage.prompt_tokens
-        self.summary.completion_tokens += usage.completion_tokens
-        self.rules.after_request(None)
-        reason = self.rules.after_spend(self.summary.prompt_tokens, self.summary.completion_tokens)
-        if reason:
-            self.stop(reason)
-        return response
 
     def count_retry(self, exc: ServingError) -> None:
         self.summary.retries += 1
@@ -399,7 +393,12 @@ class _Step:
             self.wake_writer.clear()
             try:
                 self.flush()
-            except sqlite3.Error as exc:  # e.g. a shared cache locked for too long
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    # A full disk, or one that fails: sending on would only lose answers.
+                    self.stop(_store_failure(exc, self.journal))
+                    return
+                # A shared cache locked by another run for too long: try again.
                 log.warning("could not commit finished rows yet (%s); retrying", exc)
                 self.wake_writer.set()
                 await asyncio.sleep(1.0)
@@ -420,3 +419,9 @@ class _Step:
         with open(path, "w", encoding="utf-8") as f:
             for line in self.journal.failed_lines():
                 f.write(line + "\n")
+
+
+def _store_failure(exc: sqlite3.Error, journal: RunJournal | None) -> str:
+    where = journal.path if journal is not None else "the response cache"
+    return (f"cannot commit finished rows to {where}: {exc}; free some space and run the same"
+            " command again (finished rows are kept)")

@@ -56,6 +56,13 @@ class RunSummary:
     cost: float = 0.0
     output_ok: int = 0  # rows in the output: captioned (this run or earlier ones) ...
     output_failed: int = 0  # ... and with an error record
+    estimated_usage: int = 0  # answers without usage, whose tokens were estimated
+    max_workers: int = 0  # the ceiling of requests in flight ...
+    limit: int = 0  # ... the adaptive limit at the end ...
+    limit_lowest: int = 0  # ... and at its lowest
+    rate_limited: int = 0  # 429 answers
+    learned_rate: float | None = None  # requests per second learned from 429s, if any
+    outages: int = 0  # times the circuit breaker stopped the sending
 
     @property
     def ok(self) -> bool:

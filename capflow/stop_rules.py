@@ -10,16 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Errors that will not go away by themselves: the same key, model or endpoint fails every row.
+# (An outage, or a server that fails every request some other way, is the circuit breaker's:
+# capflow.sending.breaker.)
 FATAL_KINDS = {
     "AuthenticationError": "check the API key (the variable named by key_name_of_api_key)",
     "PermissionDenied": "check the API key's permissions for this model",
     "NotFound": "check model_name and api_url",
+    "QuotaExceeded": "the account's quota is used up",
+    "TLSError": "",
+    "Redirected": "",
 }
-FATAL_AFTER = 3  # consecutive failures of one fatal kind
-# A server that cannot be reached at all; a few dropped connections in a busy run are normal,
-# so this takes a long streak without a single success.
-UNREACHABLE = "ConnectionError"
-UNREACHABLE_AFTER = 20
+FATAL_AFTER = 3  # consecutive failures of one fatal kind ...
+FATAL_AT_ONCE = {"QuotaExceeded", "TLSError", "Redirected"}  # ... or one, for these
 
 _MIN_ROWS_FOR_FRACTION = 20
 
@@ -53,17 +55,16 @@ class StopRules:
 
     def after_request(self, kind: str | None, message: str = "") -> str | None:
         """Record one request outcome (``kind`` None for success); a reason to stop, or None."""
-        if kind is None or (kind not in FATAL_KINDS and kind != UNREACHABLE):
+        if kind is None or kind not in FATAL_KINDS:
             self._streak_kind, self._streak = None, 0
             return None
         self._streak = self._streak + 1 if kind == self._streak_kind else 1
         self._streak_kind = kind
-        if kind == UNREACHABLE:
-            if self._streak >= UNREACHABLE_AFTER:
-                return (f"the server cannot be reached ({message}):"
-                        " check api_url and that the server is running")
-        elif self._streak >= FATAL_AFTER:
-            return f"every request fails with {kind} ({message}): {FATAL_KINDS[kind]}"
+        if self._streak >= FATAL_AFTER or kind in FATAL_AT_ONCE:
+            advice = FATAL_KINDS[kind]
+            if kind in FATAL_AT_ONCE:  # the message says what to do
+                return f"{kind}: {message}" + (f": {advice}" if advice else "")
+            return f"every request fails with {kind} ({message}): {advice}"
         return None
 
     def after_row(self, finished: int, failed: int) -> str | None:

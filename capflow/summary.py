@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from capflow.redaction import clean_message
 from capflow.run import RunSummary
 
 _SHOWN_FAILURES = 5
@@ -45,21 +46,41 @@ def format_summary(s: RunSummary) -> str:
             f" {s.cache_hits} answered by the cache ({s.cache_size} stored)",
             f"  tokens    {s.prompt_tokens} prompt + {s.completion_tokens} completion"
             f" = {s.prompt_tokens + s.completion_tokens}"
-            + (f", cost {s.cost:.4f}" if s.cost else ""),
-            f"  output    {s.output}: {s.output_ok} captioned, {s.output_failed} failed",
+            + (f", cost {s.cost:.4f}" if s.cost else "")
+            + (f" (estimated for {_plural(s.estimated_usage, 'answer')} without usage)"
+               if s.estimated_usage else ""),
         ]
+        sending = _sending(s)
+        if sending:
+            lines.append(f"  sending   {sending}")
+        lines.append(f"  output    {s.output}: {s.output_ok} captioned, {s.output_failed} failed")
         if s.stopped:
-            lines.append(f"  stopped   {s.stopped}")
+            lines.append(f"  stopped   {clean_message(s.stopped)}")
             lines.append("            rows not finished are left for the next run of this command")
     failures = sorted(s.failures)[:_SHOWN_FAILURES]
     for index, error in failures:
-        lines.append(f"  failed    row {index}: {error['type']}: {error['message']}")
+        lines.append(f"  failed    row {index}: {clean_message(error['type'], 40)}:"
+                     f" {clean_message(error['message'], 300)}")
     more = s.failed - len(failures)
     if more > 0 and s.dry_run:
         lines.append(f"  ...       {more} more rows would fail")
     elif more > 0:
         lines.append(f"  ...       {more} more failed rows (see their _error records)")
     return "\n".join(lines)
+
+
+def _sending(s: RunSummary) -> str:
+    """What the adaptive sending did, when it did anything worth a line."""
+    parts = []
+    if s.max_workers and (s.limit < s.max_workers or s.limit_lowest < s.max_workers):
+        parts.append(f"in flight adapted to the server: {s.limit} at the end, lowest"
+                     f" {s.limit_lowest}, of max_workers={s.max_workers}")
+    if s.rate_limited:
+        pace = f", paced at {s.learned_rate:.1f}/s learned from them" if s.learned_rate else ""
+        parts.append(f"{_plural(s.rate_limited, '429 answer')}{pace}")
+    if s.outages:
+        parts.append(f"sending paused {_plural(s.outages, 'time')} for an outage")
+    return "; ".join(parts)
 
 
 def _describe_messages(messages: list[dict[str, Any]]) -> list[str]:

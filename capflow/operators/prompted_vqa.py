@@ -29,6 +29,8 @@ class PromptedVQAGenerator(Operator):
     :param output_answer_key: the row key the answer is written to.
     :param image_detail: ``low``, ``high`` or ``auto``, passed to the API with each image.
     :param image_io: how images are checked and encoded (default: ``ImagePreparer()``).
+    :param require_image: a row without images fails with ``NoImage`` (the default, for
+        captioning); False asks such rows their question as text alone.
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class PromptedVQAGenerator(Operator):
         output_answer_key: str = "answer",
         image_detail: str | None = None,
         image_io: ImagePreparer | None = None,
+        require_image: bool = True,
     ) -> None:
         self.serving = serving
         self.system_prompt = system_prompt
@@ -52,6 +55,7 @@ class PromptedVQAGenerator(Operator):
         self.output_answer_key = output_answer_key
         self.image_detail = image_detail
         self.image_io = image_io or ImagePreparer()
+        self.require_image = bool(require_image)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -66,6 +70,7 @@ class PromptedVQAGenerator(Operator):
             ],
             "image_detail": self.image_detail,
             "image_io": self.image_io.describe(),
+            "require_image": self.require_image,
         }
 
     def _turns(self, data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -90,10 +95,12 @@ class PromptedVQAGenerator(Operator):
     def prepare(self, row: Row, base_dir: Path) -> Request:
         refs = row.data.get(self.input_image_key)
         if refs is None:
-            raise RowError("NoImage", f"row has no {self.input_image_key!r} key")
+            if self.require_image:
+                raise RowError("NoImage", f"row has no {self.input_image_key!r} key")
+            refs = []
         if not isinstance(refs, list):
             refs = [refs]
-        if not refs:
+        if not refs and self.require_image:
             raise RowError("NoImage", f"row's {self.input_image_key!r} list is empty")
         turns = self._turns(row.data)
         images = [self.image_io.prepare(ref, base_dir) for ref in refs]

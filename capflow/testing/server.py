@@ -191,9 +191,16 @@ class FakeOpenAIServer:
         api_key: if set, require ``Authorization: Bearer <api_key>`` (else 401).
         models: if set, other model names get a 404 ``model_not_found``.
         faults: fault-injection rates; None disables faults.
+        rpm_limit: answer 429 (Retry-After: 1) above this many requests a minute, counted per
+            one-second window.
+        slots: answer at most this many requests at once, each taking ``latency`` seconds;
+            the others wait in line (as llama.cpp's server does with ``--parallel``).
+        failure: ``(status, message)``: answer every chat request with this error (an outage,
+            or a model that cannot do what is asked).
         port: port on 127.0.0.1; 0 picks a free one (see :attr:`port`).
 
-    ``latency`` and ``api_key`` are plain attributes and may be changed while running.
+    ``latency``, ``api_key`` and ``failure`` are plain attributes and may be changed while
+    running (``POST /_failure`` changes ``failure`` from another process).
     """
 
     def __init__(
@@ -204,6 +211,8 @@ class FakeOpenAIServer:
         faults: FaultConfig | None = None,
         rpm_limit: int | None = None,
         *,
+        slots: int | None = None,
+        failure: tuple[int, str] | None = None,
         port: int = 0,
     ) -> None:
         self.latency = latency
@@ -211,6 +220,9 @@ class FakeOpenAIServer:
         self.models = list(models) if models else None
         self.faults = FaultInjector(faults)
         self.rpm_limit = rpm_limit
+        self.slots = slots
+        self.failure = failure
+        self._slot_gate: asyncio.Semaphore | None = None
         self._requested_port = port
         self._port: int | None = None
         self._lock = threading.Lock()
@@ -281,6 +293,7 @@ class FakeOpenAIServer:
         app.router.add_get("/_stats", self._stats_handler)
         app.router.add_get("/_log", self._log_handler)
         app.router.add_post("/_reset", self._reset_handler)
+        app.router.add_post("/_failure", self._failure_handler)
         return app
 
     def _check_auth(self, request: web.Request) -> None:
@@ -319,6 +332,13 @@ class FakeOpenAIServer:
             log = [[rec.received_at, rec.status] for rec in self._records]
         return web.json_response(log)
 
+    async def _failure_handler(self, request: web.Request) -> web.Response:
+        """``{"status": 500, "message": "..."}`` fails every request from now on; ``{}`` ends
+        the failure."""
+        body = await request.json()
+        self.failure = (int(body["status"]), str(body.get("message", "failure"))) if body else None
+        return web.json_response({"ok": True})
+
     async def _reset_handler(self, request: web.Request) -> web.Response:
         self.reset()
         return web.json_response({"ok": True})
@@ -353,8 +373,15 @@ class FakeOpenAIServer:
                     self._responses_ok += 1
 
     async def _answer(self, request: web.Request, rec: RecordedRequest) -> web.StreamResponse:
-        if self.latency > 0:
+        if self.slots:
+            if self._slot_gate is None:
+                self._slot_gate = asyncio.Semaphore(self.slots)
+            async with self._slot_gate:  # FIFO: requests wait their turn for a slot
+                await asyncio.sleep(self.latency)
+        elif self.latency > 0:
             await asyncio.sleep(self.latency)
+        if self.failure is not None:
+            raise _ApiError(self.failure[0], self.failure[1], None)
         self._check_auth(request)
         self._check_rate(rec.received_at)
         try:
@@ -484,6 +511,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="extend", nargs="+", default=[], help="accepted model name(s)")
     p.add_argument("--rpm-limit", type=int, help="answer 429 above this many requests a minute,"
                    " counted per one-second window")
+    p.add_argument("--slots", type=int, help="answer this many requests at once (each taking"
+                   " --latency seconds); the others wait in line")
+    p.add_argument("--fail-status", type=int, help="answer every request with this status")
+    p.add_argument("--fail-message", default="server failure", help="... and this message")
     add_fault_arguments(p)
     return p
 
@@ -499,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"environment variable {args.api_key_env} is not set")
     server = FakeOpenAIServer(latency=args.latency, api_key=api_key, models=args.model or None,
                               faults=config_from_args(args), rpm_limit=args.rpm_limit,
+                              slots=args.slots,
+                              failure=(args.fail_status, args.fail_message)
+                              if args.fail_status else None,
                               port=args.port)
     try:
         import uvloop  # optional speed-up
