@@ -4,6 +4,7 @@ paths, and retries that must respect their time bound."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -43,7 +44,7 @@ def test_an_answer_that_cannot_be_written_fails_its_row_only(server, tmp_path):
     [
         ([{"choices": [{"delta": {"content": "a"}}]}], "BadResponse"),  # cut off
         ([{"choices": []}], "BadResponse"),
-        ([{"choices": [{"delta": {}, "finish_reason": "stop"}]}], "EmptyAnswer"),
+        ([{"choices": [], "usage": {"prompt_tokens": 3}}, "[DONE]"], "BadResponse"),  # no choice
         ([{"error": {"message": "overloaded"}}], "StreamError"),
         ([["not", "a", "chunk"]], "BadResponse"),
     ],
@@ -52,9 +53,12 @@ def test_broken_streams_are_errors_not_captions(chunks, kind):
     answer = StreamedAnswer()
     with pytest.raises(ServingError) as err:
         for chunk in chunks:
-            answer.add(chunk)
+            if chunk == "[DONE]":
+                answer.add_line(b"data: [DONE]")
+            else:
+                answer.add(chunk)
         answer.response()
-    assert err.value.kind == kind
+    assert err.value.kind == kind and err.value.transient
 
 
 def test_a_complete_stream_is_an_answer():
@@ -64,6 +68,26 @@ def test_a_complete_stream_is_an_answer():
     answer.add({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
     response = answer.response()
     assert (response.text, response.usage.completion_tokens, response.model) == ("a cat", 2, "m")
+
+
+def test_a_stream_without_text_is_an_empty_answer_for_the_engine_to_judge():
+    answer = StreamedAnswer()
+    answer.add({"choices": [{"delta": {"role": "assistant"}, "finish_reason": "stop"}]})
+    response = answer.response()
+    assert (response.text, response.finish_reason, response.refusal) == ("", "stop", None)
+
+
+def test_a_streamed_refusal_is_joined_and_lines_split_anywhere_are_joined():
+    answer = StreamedAnswer()
+    events = b"".join(
+        b"data: %s\n\n" % json.dumps(chunk).encode()
+        for chunk in [{"choices": [{"delta": {"refusal": "I can't "}}]},
+                      {"choices": [{"delta": {"refusal": "do that"}, "finish_reason": "stop"}]}]
+    ) + b"data: [DONE]\n\n"
+    for start in range(0, len(events), 7):  # pieces that cut lines and JSON apart
+        answer.feed(events[start:start + 7])
+    response = answer.response()
+    assert (response.text, response.refusal, answer.done) == ("", "I can't do that", True)
 
 
 def test_a_cache_that_cannot_be_opened_is_a_configuration_error(server, tmp_path):

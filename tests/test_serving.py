@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 
 import pytest
@@ -12,10 +13,13 @@ from conftest import expected_caption, make_dataset, read_rows
 from capflow.engine import EngineSettings
 from capflow.errors import ConfigError
 from capflow.operators import PromptedVQAGenerator
+from capflow.redaction import redact
+from capflow.request import Request
 from capflow.retry import RetryPolicy
 from capflow.serving import OpenAIServing
 from capflow.storage import FileStorage
 from capflow.testing.faults import FaultConfig
+from capflow.testing.hostile import HostileServer
 from capflow.testing.server import FakeOpenAIServer
 
 FAST_RETRY = RetryPolicy(max_attempts=8, initial_wait=0.01, max_wait=0.2)
@@ -23,8 +27,20 @@ FAST_RETRY = RetryPolicy(max_attempts=8, initial_wait=0.01, max_wait=0.2)
 
 @pytest.fixture(params=["http", "aiohttp", "sdk"])
 def transport(request) -> str:
-    """Every serving test runs over both transports."""
+    """Every serving test runs over each transport."""
     return request.param
+
+
+_PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+@pytest.fixture
+def no_proxy(monkeypatch) -> pytest.MonkeyPatch:
+    """An environment without proxy settings (tests add their own)."""
+    for name in _PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    return monkeypatch
 
 
 def _run(tmp_path, server, n=20, settings=None, **serving_args):
@@ -81,7 +97,8 @@ def test_retries_are_bounded_and_the_row_records_the_last_error(tmp_path, transp
 
 def test_retry_after_is_honoured(tmp_path, transport):
     faults = FaultConfig(rate_429=1.0, retry_after=0.3)
-    policy = RetryPolicy(max_attempts=2, initial_wait=0.001, max_wait=5)
+    # Bounded by time too: waits for a rate limit need not count as attempts.
+    policy = RetryPolicy(max_attempts=2, initial_wait=0.001, max_wait=5, max_time=1.5)
     with FakeOpenAIServer(faults=faults) as server:
         summary, _, _ = _run(tmp_path, server, transport=transport, n=1,
                              settings=EngineSettings(retry=policy, report=False))
@@ -171,3 +188,86 @@ def test_cheap_rows_and_one_worker_do_not_stall_the_run(tmp_path):
     runner.join(60)
     assert not runner.is_alive(), "the run stalled"
     assert summaries[0].done == 3000 and summaries[0].failed == 0
+
+
+def test_auto_uses_the_own_client_unless_a_proxy_applies(no_proxy, caplog):
+    async def chosen(url: str) -> str:
+        serving = OpenAIServing(api_url=url, model_name="m")  # transport=auto
+        await serving.start()
+        try:
+            return type(serving._client).__name__
+        finally:
+            await serving.close()
+
+    with caplog.at_level(logging.INFO, logger="capflow"):
+        assert asyncio.run(chosen("http://api.example.org/v1")) == "HttpTransport"
+        no_proxy.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+        assert asyncio.run(chosen("http://api.example.org/v1")) == "AiohttpTransport"
+        assert asyncio.run(chosen("https://api.example.org/v1")) == "HttpTransport"
+        no_proxy.setenv("NO_PROXY", ".example.org")
+        assert asyncio.run(chosen("http://api.example.org/v1")) == "HttpTransport"
+    lines = [r.getMessage() for r in caplog.records if "transport=auto" in r.getMessage()]
+    assert len(lines) == 4 and "proxy applies" in lines[1] and "own HTTP client" in lines[3]
+
+
+def test_auto_goes_through_the_proxy_it_found(no_proxy):
+    # The hostile server plays an HTTP proxy: a request for an unresolvable host can only be
+    # answered through it, and it sees the absolute URL that proxies are sent.
+    with HostileServer() as proxy:
+        no_proxy.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.port}")
+        serving = OpenAIServing(api_url="http://api.capflow.invalid/v1", model_name="m")
+
+        async def ask():
+            await serving.start()
+            try:
+                return await serving.complete(Request(messages=[{"role": "user",
+                                                                 "content": "hi"}]))
+            finally:
+                await serving.close()
+
+        response = asyncio.run(ask())
+    assert response.text == "a red square"
+    assert proxy.requests == 1
+
+
+def test_describe_names_the_endpoint_normalised():
+    cases = {
+        "HTTPS://User:Secret@API.Example.ORG:443/v1/": "https://api.example.org/v1",
+        "http://127.0.0.1:80/v1": "http://127.0.0.1/v1",
+        "http://[::1]:8000/v1": "http://[::1]:8000/v1",
+        "https://api.example.org:8443/openai/v1//": "https://api.example.org:8443/openai/v1",
+    }
+    for url, endpoint in cases.items():
+        described = OpenAIServing(api_url=url, model_name="m").describe()
+        assert described["endpoint"] == endpoint
+        assert set(described) == {"serving", "model", "params", "extra_body", "endpoint"}
+    assert OpenAIServing(api_url=None).describe()["endpoint"] is None
+
+
+def test_start_registers_the_key_and_checks_the_ca_file(server, monkeypatch, tmp_path):
+    monkeypatch.setenv("SERVING_TEST_KEY", "sk-registered-by-start-42")
+    serving = OpenAIServing(api_url=server.base_url, key_name_of_api_key="SERVING_TEST_KEY",
+                            model_name="m", ca_file=str(tmp_path / "missing.pem"))
+    with pytest.raises(ConfigError, match="serving.ca_file"):
+        asyncio.run(serving.start())
+    assert redact("a sk-registered-by-start-42 b") == "a [redacted] b"
+
+
+def test_answers_past_max_response_bytes_fail_their_row(tmp_path, server, transport):
+    summary, _, written = _run(tmp_path, server, transport=transport, n=2,
+                               max_response_bytes=1024, extra_body={"pad": "x"})
+    # The fake server's answers are small: a tight limit still lets them through...
+    assert summary.done == 2
+    with HostileServer("endless") as hostile:
+        summary, _, written = _run(tmp_path / "2", hostile, transport=transport, n=2,
+                                   max_response_bytes=4096)
+    # ...and an answer past it fails its row at once, without retries.
+    assert summary.failed == 2 and summary.retries == 0
+    assert written[0]["_error"]["type"] == "ResponseTooLarge"
+
+
+def test_invalid_options_are_config_errors():
+    with pytest.raises(ConfigError, match="serving.transport"):
+        OpenAIServing(api_url=None, transport="curl")
+    with pytest.raises(ConfigError, match="max_response_bytes"):
+        OpenAIServing(api_url=None, max_response_bytes=10)

@@ -1,13 +1,16 @@
 """capflow's own HTTP/1.1 client for the chat-completions protocol (``serving.transport=http``).
 
 At hundreds of requests in flight, the client's own CPU per request is what bounds throughput
-on a small machine. This client does per request only what the protocol needs: one write of
-the request, and httptools (llhttp, the parser behind Node.js and uvicorn) to read the answer,
-on a pool of keep-alive connections as large as the requests in flight. It also imports in a
-few milliseconds, against a fifth of a second for a general-purpose client.
+on a small machine. This client does per request only what the protocol and the limits need:
+one write of the request, and httptools (llhttp, the parser behind Node.js and uvicorn) to read
+the answer, on a pool of keep-alive connections as large as the requests in flight; bytes are
+counted as they arrive, never copied to be counted. It also imports in a few milliseconds,
+against a fifth of a second for a general-purpose client.
 
-It speaks plain HTTP/1.1 and TLS with the system's certificates. It does not go through HTTP
-proxies; ``serving.transport=sdk`` (the official SDK) is there for set-ups that need one.
+It speaks plain HTTP/1.1 and TLS (verified against the system's CAs plus ``serving.ca_file``).
+It does not go through HTTP proxies (``serving.transport=auto`` picks the aiohttp client when
+one applies), never follows redirects, and sends nothing the server said back to it (no
+cookies).
 """
 
 from __future__ import annotations
@@ -15,9 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import zlib
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,18 +25,61 @@ import httptools
 
 from capflow import __version__
 from capflow.errors import ConfigError, ServingError
+from capflow.redaction import add_secret, clean_message
 from capflow.request import Response
-from capflow.serving._protocol import StreamedAnswer, decode_answer
+from capflow.serving._protocol import (
+    CappedBody,
+    StreamedAnswer,
+    decode_answer,
+    model_ids,
+    parse_completion,
+)
+from capflow.serving.ratelimit_headers import rate_limit_info
+from capflow.serving.transport import (
+    MAX_HEADER_BYTES,
+    MAX_HEADER_COUNT,
+    TransportOptions,
+    check_ca_file,
+    check_key,
+    headers_too_large,
+    proxy_for,
+    redirect_error,
+    ssl_context,
+    timeout_error,
+    tls_error,
+    too_large,
+)
 
 log = logging.getLogger("capflow")
 
 _END = object()  # the end of a streamed body
 
 
-class _Connection(asyncio.Protocol):
-    """One keep-alive connection, carrying one exchange at a time."""
+class _NeverRaised(Exception):
+    """Stands in for ``ssl.SSLCertVerificationError`` on plain-HTTP transports."""
 
-    def __init__(self) -> None:
+
+def _getter(headers: dict[bytes, bytes]) -> Any:
+    """Looks a header up by its lower-case ``str`` name, as ``ratelimit_headers`` wants."""
+    def get(name: str) -> str | None:
+        value = headers.get(name.encode())
+        return value.decode("latin-1") if value is not None else None
+    return get
+
+
+def _rate_limits(headers: dict[bytes, bytes], get: Any) -> Any:
+    """What the ``x-ratelimit-*`` headers say; the common case, none, costs two lookups."""
+    if b"x-ratelimit-remaining-requests" in headers or b"x-ratelimit-remaining-tokens" in headers:
+        return rate_limit_info(get)
+    return None
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection, carrying one exchange at a time. Limits are checked in the
+    parser's callbacks, which raise to stop the parse at once."""
+
+    def __init__(self, owner: HttpTransport) -> None:
+        self.owner = owner
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.lost = False
@@ -51,12 +94,17 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.closed_cleanly = False
         self.timer: asyncio.TimerHandle | None = None
+        self.head_done = False
+        self.head_bytes = 0  # bytes read while no answer's headers were complete
+        self.header_count = self.header_bytes = 0
+        self.received = 0  # body bytes
 
     def begin(self, loop: asyncio.AbstractEventLoop, stream: bool) -> asyncio.Future[None]:
         """Get ready for the next answer; the future is done when it is in (for a stream:
         when its headers are), or fails with a ``ServingError``."""
         self.status, self.reason, self.headers, self.chunks = 0, b"", {}, []
-        self.complete = self.got_data = self.keep_alive = False
+        self.complete = self.got_data = self.keep_alive = self.head_done = False
+        self.head_bytes = self.header_count = self.header_bytes = self.received = 0
         self.stream = asyncio.Queue() if stream else None
         self.waiter = loop.create_future()
         return self.waiter
@@ -72,7 +120,7 @@ class _Connection(asyncio.Protocol):
         self.lost = True
 
     def time_out(self, seconds: float) -> None:
-        self.fail(ServingError("Timeout", f"no answer within {seconds:g} s", transient=True))
+        self.fail(timeout_error(seconds))
 
     # asyncio.Protocol
 
@@ -84,12 +132,25 @@ class _Connection(asyncio.Protocol):
             self.fail(ServingError("BadResponse", "unexpected data from the server",
                                    transient=True))
             return
+        if self.lost:
+            return
         self.got_data = True
+        if not self.head_done:
+            self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self.fail(ServingError("BadResponse", f"malformed HTTP response: {exc}",
-                                   transient=True))
+            if isinstance(exc.__context__, ServingError):  # a limit, raised in a callback
+                self.fail(exc.__context__)
+            else:
+                self.fail(ServingError("BadResponse",
+                                       clean_message(f"malformed HTTP response: {exc}"),
+                                       transient=True))
+            return
+        # httptools holds a header until it has all of it: an endless one is cut off here,
+        # after at most one read past the limit.
+        if not self.head_done and self.head_bytes > MAX_HEADER_BYTES:
+            self.fail(headers_too_large())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -100,7 +161,7 @@ class _Connection(asyncio.Protocol):
                 and not self._chunked()):
             self.on_message_complete()  # a body that ends where the connection does
             return
-        reason = f": {exc}" if exc else ""
+        reason = clean_message(f": {exc}") if exc else ""
         self.fail(ServingError("ConnectionError",
                                f"the server closed the connection mid-answer{reason}",
                                transient=True))
@@ -111,6 +172,10 @@ class _Connection(asyncio.Protocol):
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_count += 1
+        self.header_bytes += len(name) + len(value)
+        if self.header_count > MAX_HEADER_COUNT or self.header_bytes > MAX_HEADER_BYTES:
+            raise headers_too_large()
         self.headers[name.lower()] = value
 
     def on_message_begin(self) -> None:
@@ -119,15 +184,26 @@ class _Connection(asyncio.Protocol):
             self.lost = True
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        self.status = status = self.parser.get_status_code()
         if self._interim():
             return
+        self.head_done = True
+        if 300 <= status < 400:
+            location = self.headers.get(b"location")
+            raise redirect_error(status, location.decode("latin-1") if location else None,
+                                 self.owner.api_url)
+        length = self.headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.owner.limit:
+            raise too_large(self.owner.limit)
         if self.stream is not None and self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
     def on_body(self, body: bytes) -> None:
         if self._interim():
             return
+        self.received += len(body)
+        if self.received > self.owner.limit:
+            raise too_large(self.owner.limit)
         if self.stream is not None:
             self.stream.put_nowait(body)
         else:
@@ -151,21 +227,18 @@ class _Connection(asyncio.Protocol):
         return b"chunked" in self.headers.get(b"transfer-encoding", b"").lower()
 
     def body(self) -> bytes:
-        data = b"".join(self.chunks)
-        unpack = _decompressor(self.headers.get(b"content-encoding", b""))
-        if unpack is not None:
-            try:
-                data = unpack.decompress(data) + unpack.flush()
-            except zlib.error as exc:
-                raise ServingError("BadResponse", f"cannot decompress the answer: {exc}",
-                                   transient=True) from None
+        data = b"".join(self.chunks)  # one chunk: the same object, not a copy
+        encoding = self.headers.get(b"content-encoding")
+        if encoding is not None:
+            unpack = CappedBody(self.owner.limit, encoding.decode("latin-1"))
+            data = unpack.decompress(data) + unpack.finish()
         return data
 
 
 class HttpTransport:
     """Chat completions over capflow's own pool of keep-alive HTTP/1.1 connections."""
 
-    def __init__(self, api_url: str, key: str | None, timeout: float, connections: int) -> None:
+    def __init__(self, api_url: str, key: str | None, options: TransportOptions) -> None:
         parts = urlsplit(api_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"serving.api_url must be an http(s) URL, not {api_url!r}")
@@ -173,93 +246,127 @@ class HttpTransport:
             port = parts.port
         except ValueError:
             raise ConfigError(f"serving.api_url has a bad port: {api_url!r}") from None
-        self.timeout = timeout
+        check_key(key)
+        add_secret(key)
+        self.api_url = api_url
+        self.timeout = options.timeout
+        self.limit = options.max_response_bytes
         self.host = parts.hostname
         self.port = port or (443 if parts.scheme == "https" else 80)
         self.ssl: Any = None
+        self._verify_error: type[BaseException] = _NeverRaised
         if parts.scheme == "https":
-            import ssl  # only TLS connections pay for it
+            import ssl
 
-            self.ssl = ssl.create_default_context()
+            self.ssl = ssl_context(options.ca_file)
+            self._verify_error = ssl.SSLCertVerificationError
+        else:
+            check_ca_file(options.ca_file)
+        host = parts.netloc.rsplit("@", 1)[-1]
+        if not host.isascii():
+            host = host.encode("idna").decode("ascii")
         path = parts.path.rstrip("/")
         common = (
-            f"Host: {parts.netloc.rsplit('@', 1)[-1]}\r\n"
+            f"Host: {host}\r\n"
             f"User-Agent: capflow/{__version__}\r\n"
             "Accept: application/json\r\nAccept-Encoding: gzip, deflate\r\n"
             + (f"Authorization: Bearer {key}\r\n" if key else "")
         )
+        # latin-1: what HTTP/1.1 header bytes are; check_key let nothing else through.
         self._chat_head = (f"POST {path}/chat/completions HTTP/1.1\r\n{common}"
-                           "Content-Type: application/json\r\nContent-Length: ").encode()
-        self._models_head = f"GET {path}/models HTTP/1.1\r\n{common}\r\n".encode()
+                           "Content-Type: application/json\r\nContent-Length: ").encode("latin-1")
+        self._models_head = f"GET {path}/models HTTP/1.1\r\n{common}\r\n".encode("latin-1")
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
-        _warn_about_proxies(self.host, parts.scheme)
+        if proxy_for(api_url):
+            log.warning("an HTTP proxy is set for %s, but serving.transport=http connects"
+                        " directly: use serving.transport=auto (or aiohttp) to go through it",
+                        self.host)
 
     async def list_models(self) -> list[str]:
         """The ids the server's ``/models`` lists."""
-        conn = await self._exchange(lambda: [self._models_head], stream=False)
-        data = self._finish(conn)
-        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-            raise ServingError("BadResponse", "/models did not answer a model list",
-                               transient=False)
-        return [m["id"] for m in data["data"] if isinstance(m, dict) and "id" in m]
+        conn = await self._exchange(self._models_head, None, stream=False)
+        self._release(conn)
+        return model_ids(decode_answer(conn.status, conn.reason.decode("latin-1"), conn.body(),
+                                       _getter(conn.headers)))
 
-    async def chat(self, body: dict[str, Any]) -> Any:
-        """POST ``body`` to ``/chat/completions``; the parsed JSON answer."""
-        return self._finish(await self._exchange(lambda: self._post(body), stream=False))
+    async def chat(self, body: dict[str, Any]) -> Response:
+        """POST ``body`` to ``/chat/completions``; the answer."""
+        conn = await self._exchange(self._chat_head, body, stream=False)
+        self._release(conn)
+        get = _getter(conn.headers)
+        data = decode_answer(conn.status, conn.reason.decode("latin-1"), conn.body(), get)
+        return parse_completion(data, _rate_limits(conn.headers, get))
 
     async def chat_stream(self, body: dict[str, Any]) -> Response:
         """POST ``body`` with ``stream: true``; the answer joined from its server-sent events."""
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-        conn = await self._exchange(lambda: self._post(body), stream=True)
+        conn = await self._exchange(self._chat_head, body, stream=True)
+        get = _getter(conn.headers)
+        limits = _rate_limits(conn.headers, get)
         try:
-            answer, buffer = StreamedAnswer(), b""
-            unpack = _decompressor(conn.headers.get(b"content-encoding", b""))
+            content_type = conn.headers.get(b"content-type", b"")
+            streamed = StreamedAnswer(json_body=b"json" in content_type.lower())
+            encoding = conn.headers.get(b"content-encoding")
+            unpack = CappedBody(self.limit, encoding.decode("latin-1") if encoding else None)
             while (piece := await conn.stream.get()) is not _END:  # type: ignore[union-attr]
                 if isinstance(piece, ServingError):
                     raise piece
                 if conn.status >= 400:  # an error answer: its body is JSON, read below
                     conn.chunks.append(piece)
                     continue
-                if unpack is not None:
-                    try:
-                        piece = unpack.decompress(piece)
-                    except zlib.error as exc:
-                        raise ServingError("BadResponse", f"cannot decompress the stream: {exc}",
-                                           transient=True) from None
-                buffer += piece
-                *lines, buffer = buffer.split(b"\n")
-                for raw in lines:
-                    answer.add_line(raw)
+                streamed.feed(unpack.decompress(piece))
+                if streamed.done:  # [DONE] is the end, whether or not the body ends there
+                    break
+            else:
+                if conn.status < 400:
+                    streamed.feed(unpack.finish())
+        except ServingError as exc:
+            self._drop(conn)
+            exc.rate_limits = exc.rate_limits or limits
+            raise
         except BaseException:
             self._drop(conn)
             raise
         finally:
-            conn.timer.cancel()
+            if conn.timer is not None:
+                conn.timer.cancel()
+        if conn.complete:
+            self._release(conn)
+        else:
+            self._drop(conn)  # the rest of its body is not worth waiting for
         if conn.status >= 400:
-            return self._finish(conn)  # raises the status error
-        self._release(conn)
-        return answer.response()
+            decode_answer(conn.status, conn.reason.decode("latin-1"), conn.body(), get)
+        try:
+            return streamed.response(limits)
+        except ServingError as exc:
+            exc.rate_limits = exc.rate_limits or limits
+            raise
 
-    def _post(self, body: dict[str, Any]) -> list[bytes]:
-        payload = json.dumps(body, ensure_ascii=False).encode()
-        return [self._chat_head, b"%d\r\n\r\n" % len(payload), payload]
+    def _request(self, head: bytes, body: dict[str, Any] | None) -> list[bytes]:
+        if body is None:
+            return [head]
+        try:
+            payload = json.dumps(body, ensure_ascii=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise ServingError("BadRequest", f"the request cannot be sent as JSON: {exc}",
+                               transient=False) from None
+        return [head, b"%d\r\n\r\n" % len(payload), payload]
 
-    async def _exchange(self, request: Callable[[], list[bytes]], stream: bool) -> _Connection:
-        """Send the bytes ``request()`` makes on a pooled connection, and wait for the answer
-        (for a stream: for its headers, leaving ``conn.timer`` running). The bytes are made
-        again for a second try rather than held while the answer is awaited: with hundreds
-        of images in flight, that is megabytes."""
+    async def _exchange(self, head: bytes, body: dict[str, Any] | None,
+                        stream: bool) -> _Connection:
+        """Send the request on a pooled connection, and wait for the answer (for a stream:
+        for its headers, leaving ``conn.timer`` running). One deadline covers connecting,
+        sending and the whole answer. The bytes are made again for a second try rather than
+        held while the answer is awaited: with hundreds of images in flight, that is
+        megabytes."""
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         for again in (False, True):
-            try:
-                data = request()
-            except (TypeError, ValueError) as exc:
-                raise ServingError("BadRequest", f"the request cannot be sent as JSON: {exc}",
-                                   transient=False) from None
-            conn, reused = await self._connection(loop, fresh=again)
+            data = self._request(head, body)
+            conn, reused = await self._connection(loop, deadline, fresh=again)
             waiter = conn.begin(loop, stream)
-            conn.timer = loop.call_later(self.timeout, conn.time_out, self.timeout)
+            conn.timer = loop.call_at(deadline, conn.time_out, self.timeout)
             assert conn.transport is not None
             conn.transport.writelines(data)
             del data  # not held while the answer is awaited
@@ -283,7 +390,7 @@ class HttpTransport:
             return conn
         raise AssertionError("unreachable: the second try is on a new connection")
 
-    async def _connection(self, loop: asyncio.AbstractEventLoop,
+    async def _connection(self, loop: asyncio.AbstractEventLoop, deadline: float,
                           fresh: bool = False) -> tuple[_Connection, bool]:
         """An idle connection of the pool (and True), or a new one (and False)."""
         while self._idle and not fresh:
@@ -293,28 +400,26 @@ class HttpTransport:
                 return conn, True
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(_Connection, self.host, self.port, ssl=self.ssl,
+                loop.create_connection(lambda: _Connection(self), self.host, self.port,
+                                       ssl=self.ssl,
                                        server_hostname=self.host if self.ssl else None),
-                self.timeout,
+                max(0.0, deadline - loop.time()),
             )
         except asyncio.TimeoutError:
             raise ServingError("Timeout", f"could not connect within {self.timeout:g} s",
                                transient=True) from None
+        except self._verify_error as exc:
+            reason = getattr(exc, "verify_message", None) or exc
+            raise tls_error(self.host, self.port, reason) from None
         except OSError as exc:
-            raise ServingError("ConnectionError", f"cannot connect to {self.host}:{self.port}:"
-                               f" {exc.strerror or exc}", transient=True) from None
+            raise ServingError("ConnectionError", clean_message(
+                f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}"),
+                transient=True) from None
         except ValueError as exc:  # e.g. a host name no resolver can encode
-            raise ServingError("ConnectionError", f"cannot connect to {self.host}: {exc}",
-                               transient=False) from None
+            raise ServingError("ConnectionError", clean_message(
+                f"cannot connect to {self.host}: {exc}"), transient=False) from None
         self._busy.add(conn)
         return conn, False
-
-    def _finish(self, conn: _Connection) -> Any:
-        """The answer's JSON, after giving the connection back to the pool."""
-        self._release(conn)
-        retry_after = conn.headers.get(b"retry-after")
-        return decode_answer(conn.status, conn.reason.decode("latin-1"), conn.body(),
-                             retry_after.decode("latin-1") if retry_after else None)
 
     def _drop(self, conn: _Connection) -> None:
         self._busy.discard(conn)
@@ -336,20 +441,3 @@ class HttpTransport:
                 conn.transport.close()
         self._idle.clear()
         self._busy.clear()
-
-
-def _decompressor(encoding: bytes) -> Any:
-    """A zlib decompressor for a gzip or deflate ``Content-Encoding``, else None."""
-    encoding = encoding.lower()
-    if encoding in (b"gzip", b"deflate"):
-        return zlib.decompressobj(47 if encoding == b"gzip" else 15)
-    return None
-
-
-def _warn_about_proxies(host: str, scheme: str) -> None:
-    if host in ("localhost", "127.0.0.1", "::1"):
-        return
-    proxy = os.environ.get(f"{scheme}_proxy") or os.environ.get(f"{scheme.upper()}_PROXY")
-    if proxy:
-        log.warning("%s_PROXY is set, but serving.transport=http connects directly: use "
-                    "serving.transport=sdk to go through the proxy", scheme.upper())

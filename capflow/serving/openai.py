@@ -5,14 +5,18 @@ from __future__ import annotations
 import logging
 import os
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from capflow.errors import ConfigError, ServingError
-from capflow.request import Request, Response, Usage
+from capflow.redaction import add_secret
+from capflow.request import Request, Response
 from capflow.serving.base import Serving
+from capflow.serving.transport import TransportOptions, check_key, proxy_for
 
 log = logging.getLogger(__name__)
 
-TRANSPORTS = ("http", "aiohttp", "sdk")
+TRANSPORTS = ("auto", "http", "aiohttp", "sdk")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class OpenAIServing(Serving):
@@ -30,9 +34,13 @@ class OpenAIServing(Serving):
     :param seed: sampling seed, for servers that support it.
     :param extra_body: more JSON fields for the request body, passed through as they are.
     :param send_request_stream: receive the answer as a stream of chunks.
-    :param transport: ``http``, capflow's own HTTP/1.1 client (the default: least CPU per
-        request, fastest start), ``aiohttp``, a client on aiohttp, or ``sdk``, the official
-        ``openai`` SDK's async client (for HTTP proxies, or the SDK's own behaviour).
+    :param transport: ``auto`` (the default): capflow's own client, or aiohttp when an HTTP
+        proxy applies to ``api_url``; ``http``, capflow's own HTTP/1.1 client (least CPU per
+        request, fastest start, no proxies); ``aiohttp``, a client on aiohttp (through the
+        environment's proxy); or ``sdk``, the official ``openai`` SDK's async client.
+    :param max_response_bytes: the largest answer accepted, before or after decompression.
+    :param ca_file: a PEM file of certificate authorities to trust besides the system's (for
+        a server whose certificate a private CA signed).
     """
 
     def __init__(
@@ -48,7 +56,9 @@ class OpenAIServing(Serving):
         seed: int | None = None,
         extra_body: dict[str, Any] | None = None,
         send_request_stream: bool = False,
-        transport: str = "http",
+        transport: str = "auto",
+        max_response_bytes: int = 8 * 1024 * 1024,
+        ca_file: str | None = None,
     ) -> None:
         if int(max_workers) < 1:
             raise ConfigError(f"max_workers must be at least 1, not {max_workers}")
@@ -56,6 +66,9 @@ class OpenAIServing(Serving):
             raise ConfigError(f"timeout must be positive, not {timeout}")
         if transport not in TRANSPORTS:
             raise ConfigError(f"serving.transport must be one of {TRANSPORTS}, not {transport!r}")
+        if int(max_response_bytes) < 1024:
+            raise ConfigError("serving.max_response_bytes must be at least 1024, not"
+                              f" {max_response_bytes}")
         self.api_url = str(api_url) if api_url else None
         self.key_name_of_api_key = key_name_of_api_key
         self.model_name = model_name
@@ -63,6 +76,8 @@ class OpenAIServing(Serving):
         self.timeout = float(timeout)
         self.send_request_stream = bool(send_request_stream)
         self.transport = transport
+        self.max_response_bytes = int(max_response_bytes)
+        self.ca_file = str(ca_file) if ca_file else None
         params = {
             "temperature": temperature, "max_tokens": max_tokens, "top_p": top_p, "seed": seed
         }
@@ -76,6 +91,7 @@ class OpenAIServing(Serving):
             "model": self.model_name,
             "params": self.params,
             "extra_body": self.extra_body,
+            "endpoint": endpoint(self.api_url) if self.api_url else None,
         }
 
     def unavailable(self) -> str | None:
@@ -92,19 +108,43 @@ class OpenAIServing(Serving):
                 "environment variable %s is not set: sending requests without an API key",
                 self.key_name_of_api_key,
             )
-        if self.transport == "sdk":
-            from capflow.serving._sdk_transport import SDKTransport as transport
-        elif self.transport == "aiohttp":
-            from capflow.serving._aiohttp_transport import AiohttpTransport as transport
-        else:
-            from capflow.serving._http_transport import HttpTransport as transport
-        self._client = transport(self.api_url, key, self.timeout, self.max_workers)
+        add_secret(key)
+        check_key(key, f"the environment variable {self.key_name_of_api_key}")
+        options = TransportOptions(timeout=self.timeout, connections=self.max_workers,
+                                   max_response_bytes=self.max_response_bytes,
+                                   ca_file=self.ca_file)
+        self._client = self._transport_class()(self.api_url, key, options)
         if not self.model_name:
             try:
                 self.model_name = await self._only_model()
             except BaseException:
                 await self.close()
                 raise
+
+    def _transport_class(self) -> Any:
+        """The transport's class; ``auto`` explains its choice in one line."""
+        assert self.api_url is not None
+        name = self.transport
+        if name == "auto":
+            if proxy_for(self.api_url):
+                name = "aiohttp"
+                log.info("serving.transport=auto: an HTTP proxy applies to %s, so requests go"
+                         " through it with the aiohttp client", endpoint(self.api_url))
+            else:
+                name = "http"
+                log.info("serving.transport=auto: no HTTP proxy applies to %s, so requests go"
+                         " with capflow's own HTTP client", endpoint(self.api_url))
+        if name == "sdk":
+            from capflow.serving._sdk_transport import SDKTransport
+
+            return SDKTransport
+        if name == "aiohttp":
+            from capflow.serving._aiohttp_transport import AiohttpTransport
+
+            return AiohttpTransport
+        from capflow.serving._http_transport import HttpTransport
+
+        return HttpTransport
 
     async def _only_model(self) -> str:
         try:
@@ -135,26 +175,24 @@ class OpenAIServing(Serving):
                 **self.extra_body}
         if self.send_request_stream:
             return await self._client.chat_stream(body)
-        return _parse_completion(await self._client.chat(body))
+        # The transport reads the answer with _protocol.parse_completion, where the
+        # rate-limit headers are at hand.
+        return await self._client.chat(body)
 
 
-def _parse_completion(completion: Any) -> Response:
-    """A Response from a chat-completion JSON body; a malformed body is a transient error."""
+def endpoint(api_url: str) -> str:
+    """``api_url`` normalised: scheme and host in lower case, no default port, no
+    user:password, no trailing slash, no query (what identifies the server in caches and
+    journals)."""
+    parts = urlsplit(api_url.strip())
+    scheme = parts.scheme.lower()
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address
     try:
-        choice = completion["choices"][0]
-        message = choice.get("message") or {}
-        text = message.get("content")
-        usage = completion.get("usage") or {}
-        finish = choice.get("finish_reason")
-    except (TypeError, KeyError, IndexError, AttributeError):
-        raise ServingError("BadResponse", "response has no choices", transient=True) from None
-    if not isinstance(text, str):
-        raise ServingError(
-            "EmptyAnswer", f"answer has no text (finish_reason={finish})", transient=False
-        )
-    return Response(
-        text=text,
-        usage=Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)),
-        finish_reason=finish,
-        model=completion.get("model"),
-    )
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is not None and port != _DEFAULT_PORTS.get(scheme):
+        host = f"{host}:{port}"
+    return urlunsplit((scheme, host, parts.path.rstrip("/"), "", ""))

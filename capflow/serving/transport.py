@@ -1,6 +1,6 @@
 """The transport contract: how ``OpenAIServing`` talks HTTP to a chat-completions API.
 
-A transport sends one request and returns the parsed answer, or raises a ``ServingError`` whose
+A transport sends one request and returns the answer, or raises a ``ServingError`` whose
 ``kind`` is the same whichever transport is used: retries, the adaptive sender and the stop
 rules only ever see kinds. Every transport passes one conformance suite
 (``tests/test_transport_conformance.py``), hostile servers included, and keeps the same limits:
@@ -10,21 +10,31 @@ rules only ever see kinds. Every transport passes one conformance suite
 - response headers are limited in size and number;
 - redirects are never followed (the key must not travel to another origin): a 3xx is an error
   naming where the server points;
-- a certificate that does not verify is an error at once, saying how to trust a private CA.
+- a certificate that does not verify is an error at once, saying how to trust a private CA;
+- nothing the server sends (cookies, redirect targets) goes back into a request.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
+from urllib.request import getproxies_environment, proxy_bypass_environment
 
-from capflow.errors import ServingError
-from capflow.request import Response
+from capflow.errors import ConfigError, ServingError
 from capflow.redaction import clean_message
+from capflow.request import Response
+
+if TYPE_CHECKING:
+    import ssl
 
 MAX_HEADER_BYTES = 64 * 1024  # all response headers together
 MAX_HEADER_COUNT = 100
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -45,14 +55,16 @@ class TransportOptions:
 
 class Transport(Protocol):
     """One client of a chat-completions API. Built with
-    ``(api_url: str, key: str | None, options: TransportOptions)``."""
+    ``(api_url: str, key: str | None, options: TransportOptions)``; a key that cannot go into
+    a header, or an unreadable ``ca_file``, is a ``ConfigError`` there."""
 
     async def list_models(self) -> list[str]:
         """The ids the server's ``/models`` lists."""
         ...
 
-    async def chat(self, body: dict[str, Any]) -> Any:
-        """POST ``body`` to ``/chat/completions``; the answer's parsed JSON."""
+    async def chat(self, body: dict[str, Any]) -> Response:
+        """POST ``body`` to ``/chat/completions``; the answer, read by
+        ``capflow.serving._protocol.parse_completion`` (rate-limit headers attached)."""
         ...
 
     async def chat_stream(self, body: dict[str, Any]) -> Response:
@@ -71,6 +83,13 @@ def too_large(limit: int) -> ServingError:
                         transient=False)
 
 
+def headers_too_large() -> ServingError:
+    """The error for response headers past ``MAX_HEADER_BYTES`` or ``MAX_HEADER_COUNT``."""
+    return ServingError("ResponseTooLarge",
+                        f"the answer's headers are larger than {MAX_HEADER_BYTES} bytes"
+                        f" or {MAX_HEADER_COUNT} fields", transient=False)
+
+
 def tls_error(host: str, port: int, reason: object) -> ServingError:
     """The error for a certificate that does not verify: not transient, with the way out."""
     return ServingError(
@@ -80,6 +99,11 @@ def tls_error(host: str, port: int, reason: object) -> ServingError:
         " (or the SSL_CERT_FILE environment variable)",
         transient=False,
     )
+
+
+def timeout_error(seconds: float) -> ServingError:
+    """The error for a request that did not finish within ``timeout``."""
+    return ServingError("Timeout", f"no answer within {seconds:g} s", transient=True)
 
 
 def redirect_error(status: int, location: str | None, api_url: str) -> ServingError:
@@ -102,3 +126,59 @@ def redirect_error(status: int, location: str | None, api_url: str) -> ServingEr
         transient=False,
         status=status,
     )
+
+
+def check_key(key: str | None, source: str = "the API key") -> None:
+    """Refuse a key that cannot travel in an HTTP header as it is: CR or LF would let it add
+    headers of its own, and other control characters or non-latin-1 characters are mangled
+    or refused on the way. The message names ``source`` (the environment variable), never
+    the key."""
+    if key and not all(" " <= c <= "~" or "\xa0" <= c <= "\xff" for c in key):
+        raise ConfigError(f"{source} contains a line break, a control character or a character"
+                          " outside latin-1, so it cannot be sent in a header: check its value")
+
+
+def ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    """A verifying TLS context: the system's CAs (``SSL_CERT_FILE``/``SSL_CERT_DIR`` replace
+    them, as OpenSSL does), plus those in ``ca_file``."""
+    import ssl  # only TLS connections pay for it
+
+    context = ssl.create_default_context()
+    if ca_file:
+        check_ca_file(ca_file)
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"serving.ca_file={ca_file!r} is not a PEM file of"
+                              f" certificates: {clean_message(exc, 200)}") from None
+    return context
+
+
+def check_ca_file(ca_file: str | None) -> None:
+    """A ``ConfigError`` naming ``serving.ca_file`` when it is set and cannot be read."""
+    if ca_file and not (os.path.isfile(ca_file) and os.access(ca_file, os.R_OK)):
+        raise ConfigError(f"serving.ca_file={ca_file!r} is not a readable file")
+
+
+def proxy_for(api_url: str) -> str | None:
+    """The HTTP proxy the environment (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``,
+    ``NO_PROXY``) sets for ``api_url``, or None. One rule for ``auto`` and for the clients
+    that use proxies, so that the choice and the connection agree. Only http(s) proxies
+    count: no client here speaks SOCKS."""
+    parts = urlsplit(api_url)
+    proxies = getproxies_environment()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or not parts.hostname or urlsplit(proxy).scheme not in ("http", "https"):
+        return None
+    host = parts.netloc.rsplit("@", 1)[-1]
+    if proxy_bypass_environment(host, proxies):
+        return None
+    return proxy
+
+
+async def within(seconds: float, work: Awaitable[T]) -> T:
+    """``work``, abandoned with a ``Timeout`` error when it takes more than ``seconds``."""
+    try:
+        return await asyncio.wait_for(work, seconds)
+    except asyncio.TimeoutError:
+        raise timeout_error(seconds) from None
