@@ -1,10 +1,12 @@
 """Images: resolve each reference in a row, check it, and prepare it to the model's budget.
 
-A missing, truncated or non-image file, a path outside the image root, or an absurdly large
-image fails its row here, before any request is spent. Large photos are downscaled (JPEGs are
-decoded at a reduced DCT scale when that is enough, which costs a fraction of a full decode),
-turned upright from their EXIF orientation and re-encoded; images already within the budget
-and in a format every API accepts are sent as they are.
+A missing, truncated or non-image file, a path outside the image root, anything that is not
+a regular file (a FIFO, a device, a socket: refused before a read could block on it), a file
+larger than ``image.max_file_bytes`` or an absurdly large image fails its row here, before any
+request is spent. Large photos are downscaled (JPEGs are decoded at a reduced DCT scale when
+that is enough, which costs a fraction of a full decode), turned upright from their EXIF
+orientation and re-encoded; images already within the budget and in a format every API
+accepts are sent as they are.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import io
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,20 @@ _RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
+# How an image file is opened. O_NONBLOCK: should a FIFO take the file's place after the
+# lstat, opening it cannot wait for a writer (fstat then refuses it). O_NOFOLLOW: nor can a
+# symlink out of the root that took its place be followed. O_NOCTTY: a terminal is never
+# made the process's own.
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+               | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+               | getattr(os, "O_BINARY", 0))
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 @dataclass(slots=True)
@@ -85,9 +102,12 @@ class ImagePreparer:
     :param image_root: folder that image paths must stay inside (None: the dataset's folder).
     :param fetch_urls: download http(s) images and prepare them like files, instead of passing
         the URL to the API.
-    :param fetch_timeout: seconds one download may take.
+    :param fetch_timeout: seconds one download may take in all (looking up the host,
+        connecting, the headers and the body), however slowly the server sends.
     :param fetch_max_bytes: largest download accepted.
     :param max_source_pixels: refuse images larger than this (decompression bombs).
+    :param max_file_bytes: largest image file (and ``data:`` URI, decoded) accepted, decided
+        before it is read (None: no bound).
     """
 
     def __init__(
@@ -104,6 +124,7 @@ class ImagePreparer:
         fetch_timeout: float = 10.0,
         fetch_max_bytes: int = 20_000_000,
         max_source_pixels: int = 64_000_000,
+        max_file_bytes: int | None = 64_000_000,
     ) -> None:
         if format not in _ENCODERS:
             raise ConfigError(f"image.format must be one of {sorted(_ENCODERS)}, not {format!r}")
@@ -123,6 +144,9 @@ class ImagePreparer:
         self.fetch_timeout = float(fetch_timeout)
         self.fetch_max_bytes = int(fetch_max_bytes)
         self.max_source_pixels = int(max_source_pixels)
+        if max_file_bytes is not None and int(max_file_bytes) < 0:
+            raise ConfigError(f"image.max_file_bytes must be >= 0 or null, not {max_file_bytes}")
+        self.max_file_bytes = None if max_file_bytes is None else int(max_file_bytes)
 
     def describe(self) -> dict[str, Any]:
         """Settings that change what is sent (part of the journal's fingerprint)."""
@@ -137,54 +161,87 @@ class ImagePreparer:
                 return PreparedImage(url=ref, size=0)
             return self._from_bytes(self._fetch(ref), ref)
         if ref.startswith("data:"):
-            return self._from_bytes(_decode_data_uri(ref), "data URI")
+            return self._from_bytes(_decode_data_uri(ref, self.max_file_bytes), "data URI")
         scheme = _SCHEME.match(ref)
         if scheme and len(scheme.group(1)) > 1:  # one letter is a Windows drive
             raise RowError("UnsupportedScheme", f"unsupported image URL scheme: {ref[:60]}")
         return self._from_bytes(self._read(ref, base_dir), ref)
 
     def _read(self, ref: str, base_dir: Path) -> bytes:
-        # Plain string paths: this runs once per image, and pathlib costs more than the read.
+        # Plain string paths and os calls: this runs once per image, and pathlib or a Python
+        # file object (an ioctl, two more fstats, an lseek, a read to find the end) costs more
+        # than the read. A file costs one lstat, one open, one fstat and one read.
         root = str(self.image_root) if self.image_root else _real_folder(str(base_dir))
         # Absolute refs stay as given; normpath folds "..", so the last part is a real name.
         path = os.path.normpath(os.path.join(str(base_dir), os.path.expanduser(ref)))
         folder, name = os.path.split(path)
-        # The folder's real path is cached; the file itself costs one lstat, and a symlink is
-        # followed to its target, so a link out of the root is refused too.
+        # The folder's real path is cached; the lstat tells a symlink, which is followed to its
+        # target (one stat more), so a link out of the root is refused too.
         resolved = os.path.join(_real_folder(folder), name)
-        if os.path.islink(resolved):
-            resolved = os.path.realpath(resolved)
+        info: os.stat_result | Exception
+        try:
+            info = os.lstat(resolved)
+            if stat.S_ISLNK(info.st_mode):
+                resolved = os.path.realpath(resolved)
+                info = os.stat(resolved)
+        except (OSError, ValueError) as exc:  # reported once the path is known to be allowed
+            info = exc
         if resolved != root and not resolved.startswith(root.rstrip(os.sep) + os.sep):
             raise RowError(
                 "ImageOutsideRoot",
                 f"image path {ref} resolves to {resolved}, outside the image root {root}"
                 " (set image.image_root to allow it)",
             )
+        if isinstance(info, Exception):
+            raise _read_error(info, ref, path) from None
+        # What lstat said is refused before the file is opened: opening a device can do
+        # things (a tape rewinds); the fstat below is what counts, should the file change.
+        self._check_file(info, path)
         try:
-            with open(resolved, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            raise RowError("ImageNotFound", f"image file not found: {path}") from None
-        except IsADirectoryError:
-            raise RowError("ImageUnreadable", f"image path is a folder: {path}") from None
+            fd = os.open(resolved, _OPEN_FLAGS)
+        except (OSError, ValueError) as exc:
+            raise _read_error(exc, ref, path) from None
+        try:
+            size = self._check_file(os.fstat(fd), path)
+            return _read_fd(fd, size, self.max_file_bytes, path)
         except OSError as exc:
-            raise RowError("ImageUnreadable", f"cannot read image {path}: {exc.strerror}") from None
-        except ValueError as exc:  # e.g. a NUL byte in the path
-            raise RowError("BadImageReference", f"bad image path {ref!r}: {exc}") from None
+            raise _read_error(exc, ref, path) from None
+        finally:
+            os.close(fd)
+
+    def _check_file(self, info: os.stat_result, path: str) -> int:
+        """The size of a regular file within ``max_file_bytes``; anything else is refused."""
+        mode = info.st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((kind for test, kind in _FILE_KINDS if test(mode)), "not a file")
+            raise RowError("ImageUnreadable", f"image path is not a regular file ({kind}): {path}")
+        limit = self.max_file_bytes
+        if limit is not None and info.st_size > limit:
+            raise RowError(
+                "ImageTooLarge",
+                f"image file is {info.st_size} bytes, more than image.max_file_bytes={limit}:"
+                f" {path}",
+            )
+        return info.st_size
 
     def _fetch(self, url: str) -> bytes:
-        import http.client
-        import urllib.request  # only runs that download images pay for it
+        from capflow.fetch import FetchError, fetch  # only runs that download images pay for it
 
         try:
-            with urllib.request.urlopen(url, timeout=self.fetch_timeout) as response:
-                data = response.read(self.fetch_max_bytes + 1)
-        except (OSError, ValueError, http.client.HTTPException) as exc:
+            return fetch(url, self.fetch_timeout, self.fetch_max_bytes)
+        except FetchError as exc:
+            if exc.kind == "too_large":
+                limit = self.fetch_max_bytes
+                detail = f" ({exc})" if str(exc) else ""
+                raise RowError(
+                    "ImageTooLarge", f"{url} is larger than image.fetch_max_bytes={limit}{detail}"
+                ) from None
+            if exc.kind == "timeout":
+                raise RowError(
+                    "ImageFetchFailed",
+                    f"cannot download {url}: {exc} (image.fetch_timeout={self.fetch_timeout:g})",
+                ) from None
             raise RowError("ImageFetchFailed", f"cannot download {url}: {exc}") from None
-        if len(data) > self.fetch_max_bytes:
-            limit = self.fetch_max_bytes
-            raise RowError("ImageTooLarge", f"{url} is larger than image.fetch_max_bytes={limit}")
-        return data
 
     def _target_size(self, width: int, height: int) -> tuple[int, int]:
         scale = 1.0
@@ -252,6 +309,38 @@ def _real_folder(folder: str) -> str:
     return os.path.realpath(folder)
 
 
+def _read_fd(fd: int, size: int, limit: int | None, path: str) -> bytes:
+    """The bytes of the regular file open as ``fd``, whose fstat said ``size``: one read when
+    it still has that size. A file that grew meanwhile is read on, to ``limit``."""
+    if size == 0:
+        # Empty, or a kernel's pseudo-file (/proc, /sys) whose size says nothing: not read.
+        raise RowError("ImageUnreadable", f"image file is empty: {path}")
+    want = size + 1  # one byte more than expected: a short read says the end was reached
+    data = os.read(fd, want)
+    if len(data) == size:
+        return data
+    chunks = [data]
+    got = len(data)
+    while data:
+        if limit is not None and got > limit:
+            raise RowError("ImageTooLarge", f"image file grew past image.max_file_bytes={limit}"
+                                            f" while being read: {path}")
+        data = os.read(fd, max(want - got, 1 << 20))
+        chunks.append(data)
+        got += len(data)
+    return b"".join(chunks)
+
+
+def _read_error(exc: Exception, ref: str, path: str) -> RowError:
+    """The row error for an image file that could not be opened or read."""
+    if isinstance(exc, ValueError):  # e.g. a NUL byte in the path
+        return RowError("BadImageReference", f"bad image path {ref!r}: {exc}")
+    if isinstance(exc, FileNotFoundError):
+        return RowError("ImageNotFound", f"image file not found: {path}")
+    assert isinstance(exc, OSError)
+    return RowError("ImageUnreadable", f"cannot read image {path}: {exc.strerror or exc}")
+
+
 def _web_mode(img: Image.Image, pil_format: str) -> Image.Image:
     """``img`` in a mode ``pil_format`` can store: 8 bits per channel, alpha only where the
     format keeps it (elsewhere flattened onto white)."""
@@ -299,10 +388,15 @@ def estimate_image_tokens(width: int | None, height: int | None, detail: str | N
     return 85 + 170 * tiles
 
 
-def _decode_data_uri(uri: str) -> bytes:
+def _decode_data_uri(uri: str, limit: int | None) -> bytes:
     header, sep, payload = uri.partition(",")
     if not sep or ";base64" not in header:
         raise RowError("BadImageReference", f"data URI is not base64 image data: {uri[:40]}...")
+    # Decided before decoding: every 4 base64 characters make 3 bytes, less the padding.
+    size = len(payload) // 4 * 3 - (payload.endswith("=") + payload.endswith("=="))
+    if limit is not None and size > limit:
+        raise RowError("ImageTooLarge", f"data URI holds {size} bytes, more than"
+                                        f" image.max_file_bytes={limit}: {uri[:40]}...")
     try:
         return base64.b64decode(payload, validate=True)
     except ValueError:

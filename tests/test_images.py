@@ -261,3 +261,24 @@ def test_the_default_budget_keeps_a_12mp_photo_near_a_megapixel(tmp_path):
     prepared = ImagePreparer().prepare("p.jpg", tmp_path)
     assert (prepared.width, prepared.height) == (1264, 948)
     assert prepared.size * 10 <= len(raw)
+
+
+def test_max_file_bytes_setting():
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.load(Path(__file__).parent.parent / "conf" / "config.yaml")
+    assert conf.image.max_file_bytes == ImagePreparer().max_file_bytes == 64_000_000
+    assert ImagePreparer(max_file_bytes=None).max_file_bytes is None
+    with pytest.raises(ConfigError, match="image.max_file_bytes must be >= 0 or null"):
+        ImagePreparer(max_file_bytes=-1)
+
+
+def test_a_file_that_grows_past_max_file_bytes_while_read_is_refused(tmp_path, monkeypatch):
+    # fstat said it fits; the read finds more: the cap holds for what is read too.
+    make_image(tmp_path / "a.png", 1)
+    size = (tmp_path / "a.png").stat().st_size
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: real_read(fd, n) + b"x" * 10)
+    with pytest.raises(RowError, match=f"grew past image.max_file_bytes={size}") as caught:
+        ImagePreparer(max_file_bytes=size).prepare("a.png", tmp_path)
+    assert caught.value.kind == "ImageTooLarge"
