@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
 
 import pytest
 
@@ -93,3 +99,123 @@ def test_steps_chain_files_and_resolve_images_from_the_dataset(tmp_path):
 def test_missing_input_is_a_one_line_error(tmp_path):
     with pytest.raises(ConfigError, match="input file not found: .*nope.json"):
         list(FileStorage(str(tmp_path / "nope.json")).step().read())
+
+
+# --- writing the output -------------------------------------------------------------------------
+
+_DISK_FULL_CHILD = """\
+import resource, signal, sys
+from capflow.errors import CapflowError
+from capflow.storage import FileStorage
+# The write fails with EFBIG instead of the process being killed by SIGXFSZ.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+storage = FileStorage(sys.argv[1]).step(output=sys.argv[2])
+try:
+    storage.write('{"id": "%05d", "caption": "%s"}' % (i, "x" * 80) for i in range(1000))
+except CapflowError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
+def _folder_listing(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_write_replaces_the_output_and_leaves_no_temporary_file(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"id": "1"}\n')
+    storage = FileStorage(str(tmp_path / "d.jsonl")).step(output=str(tmp_path / "o" / "out.json"))
+    storage.write(['{"id": "1", "caption": "a"}'])
+    storage.write(['{"id": "1", "caption": "b"}', '{"id": "2", "caption": "c"}'])
+    assert json.loads((tmp_path / "o" / "out.json").read_text()) == [
+        {"id": "1", "caption": "b"}, {"id": "2", "caption": "c"}
+    ]
+    assert _folder_listing(tmp_path / "o") == ["out.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_a_new_output_has_the_mode_open_would_give_it(tmp_path, umask):
+    (tmp_path / "d.jsonl").write_text('{"id": "1"}\n')
+    out = tmp_path / "out.jsonl"
+    old = os.umask(umask)
+    try:
+        FileStorage(str(tmp_path / "d.jsonl")).step(output=str(out)).write(['{"id": "1"}'])
+        (tmp_path / "plain").write_text("")  # what the user's own tools would create
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+
+
+def test_a_replaced_output_keeps_the_mode_it_was_given(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"id": "1"}\n')
+    out = tmp_path / "out.jsonl"
+    out.write_text("old\n")
+    out.chmod(0o640)
+    FileStorage(str(tmp_path / "d.jsonl")).step(output=str(out)).write(['{"id": "1"}'])
+    assert out.read_text() == '{"id": "1"}\n' and stat.S_IMODE(out.stat().st_mode) == 0o640
+
+
+def test_two_writes_at_once_use_two_temporary_files_and_never_mix(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"id": "1"}\n')
+    out = tmp_path / "out.jsonl"
+    both_writing = threading.Barrier(3, timeout=10)
+
+    def rows(tag: str):
+        for i in range(500):
+            yield json.dumps({"id": f"{i:04d}", "caption": tag * 50})
+            if i == 250:
+                both_writing.wait()  # both writers are halfway through their temp files
+                both_writing.wait()  # the main thread has looked at the folder
+
+    writers = [
+        threading.Thread(target=FileStorage(str(tmp_path / "d.jsonl")).step(output=str(out)).write,
+                         args=(rows(tag),))
+        for tag in "ab"
+    ]
+    for w in writers:
+        w.start()
+    both_writing.wait()
+    seen = _folder_listing(tmp_path)
+    both_writing.wait()
+    for w in writers:
+        w.join(10)
+    temps = [n for n in seen if n.startswith(".out.jsonl.") and n.endswith(".tmp")]
+    assert len(temps) == 2 and len(set(temps)) == 2, seen
+    final = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(final) == 500 and len({r["caption"] for r in final}) == 1  # one writer's, whole
+    assert _folder_listing(tmp_path) == ["d.jsonl", "out.jsonl"]
+
+
+def test_a_failed_write_keeps_the_old_output_and_removes_its_temporary_file(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"id": "1"}\n')
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "1", "caption": "old"}\n')
+
+    def rows():
+        yield '{"id": "1", "caption": "new"}'
+        raise sqlite3.OperationalError("disk I/O error")  # the journal failing mid-read
+
+    with pytest.raises(sqlite3.OperationalError):
+        FileStorage(str(tmp_path / "d.jsonl")).step(output=str(out)).write(rows())
+    assert out.read_text() == '{"id": "1", "caption": "old"}\n'
+    assert _folder_listing(tmp_path) == ["d.jsonl", "out.jsonl"]
+
+
+def test_a_full_disk_is_a_one_line_error_and_the_old_output_stays(tmp_path):
+    """A real EFBIG: the write runs in a process whose file size limit is 4 KB."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"id": "1"}\n')
+    out = tmp_path / "out.jsonl"
+    old = "".join(f'{{"id": "{i:05d}", "caption": "old"}}\n' for i in range(300))  # > 4 KB
+    out.write_text(old)
+    child = subprocess.run([sys.executable, "-c", _DISK_FULL_CHILD, str(data), str(out)],
+                           capture_output=True, text=True, timeout=60)
+    assert child.returncode == 3, child.stderr
+    assert child.stdout == (
+        f"cannot write {out}: File too large; the finished rows are kept in the journal"
+        f" {out}.journal.sqlite, free some space and run the same command again\n"
+    )
+    assert out.read_text() == old
+    assert _folder_listing(tmp_path) == ["d.jsonl", "out.jsonl"]

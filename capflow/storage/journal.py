@@ -4,6 +4,11 @@ SQLite in WAL mode: each commit survives a crash or ``kill -9`` of the process, 
 tasks can hand rows over at once, and the finished rows can be read back in input order to
 write the step's output. The journal also remembers what it was written for (a fingerprint of
 input and settings), so a rerun of the same command picks up where the last one stopped.
+
+A journal belongs to one run at a time: it takes the output's run lock
+(``capflow.storage.lock``) before it opens or clears the database, and keeps it until
+``close()``, so a second run on the same output stops at once instead of clearing or mixing
+the first one's rows.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+
+from capflow.storage.lock import RunLock
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -24,12 +31,27 @@ class RunJournal:
     :param path: the SQLite file (created if missing).
     :param fingerprint: identifies input and settings; a journal written for another
         fingerprint is cleared, since its rows would be stale.
+    :param lock: the run lock of this journal, when the caller took it earlier (it is then
+        released by ``close()``); by default the journal takes it itself.
+    :raises capflow.errors.ConfigError: another run holds the lock.
     """
 
-    def __init__(self, path: Path, fingerprint: str) -> None:
+    def __init__(self, path: Path, fingerprint: str, lock: RunLock | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # Before the database is touched: the rows in it may be another live run's.
+        self._lock = (lock or RunLock(path)).acquire()
+        db = None
+        try:
+            db = self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._open(fingerprint)
+        except BaseException:
+            if db is not None:
+                db.close()
+            self._lock.release()
+            raise
+
+    def _open(self, fingerprint: str) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a committed row survives the process dying at any point.
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -79,5 +101,8 @@ class RunJournal:
         yield from (line for (line,) in self._db.execute("SELECT line FROM rows ORDER BY idx"))
 
     def close(self) -> None:
-        """Close the database (what was committed stays)."""
-        self._db.close()
+        """Close the database (what was committed stays), then let the next run in."""
+        try:
+            self._db.close()
+        finally:
+            self._lock.release()
