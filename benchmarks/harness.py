@@ -198,18 +198,25 @@ class Server:
     :param faults: fault rates by kind, e.g. ``{"429": 0.1, "hang": 0.01}``.
     :param retry_after: ``Retry-After`` of injected 429s.
     :param hang_seconds: how long an injected hang stalls.
+    :param slots: answer this many requests at once, each taking ``latency``; the rest queue.
+    :param failure: ``(status, message)`` every request is answered with.
     :param log_dir: where the server's stderr goes.
     """
 
     def __init__(
         self, latency: float, *, rpm_limit: int | None = None,
         faults: dict[str, float] | None = None, retry_after: float = 1.0,
-        hang_seconds: float = 30.0, seed: int = 0, log_dir: Path,
+        hang_seconds: float = 30.0, seed: int = 0, slots: int | None = None,
+        failure: tuple[int, str] | None = None, log_dir: Path,
     ) -> None:
         self.argv = [sys.executable, "-m", "capflow.testing.server", "--port", "0",
                      "--latency", str(latency), "--seed", str(seed)]
         if rpm_limit:
             self.argv += ["--rpm-limit", str(rpm_limit)]
+        if slots:
+            self.argv += ["--slots", str(slots)]
+        if failure:
+            self.argv += ["--fail-status", str(failure[0]), "--fail-message", failure[1]]
         for kind, rate in (faults or {}).items():
             self.argv += [f"--fault-{kind.replace('_', '-')}", str(rate)]
         if faults:
@@ -249,6 +256,15 @@ class Server:
         root = self.base_url.removesuffix("/v1")
         with urllib.request.urlopen(root + path, timeout=60) as response:
             return json.load(response)
+
+    def fail(self, status: int | None, message: str = "server failure") -> None:
+        """``POST /_failure``: answer every request with ``status`` from now on (None: stop)."""
+        root = self.base_url.removesuffix("/v1")
+        body = json.dumps({"status": status, "message": message} if status else {}).encode()
+        request = urllib.request.Request(root + "/_failure", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60):
+            pass
 
     def stats(self) -> dict[str, Any]:
         """``GET /_stats``: request totals, max in flight, statuses, faults injected."""

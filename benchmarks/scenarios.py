@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+from benchmarks.adaptive import failing, outage, rate_limit, slots
 from benchmarks.context import Context
 from benchmarks.prepare import prepare, prepare_live
 from benchmarks.report import ScenarioResult
@@ -18,6 +19,10 @@ SCENARIOS: dict[str, Scenario] = {
     "kill": kill,
     "rerun": rerun,
     "rpm": rpm,
+    "rate-limit": rate_limit,
+    "slots": slots,
+    "failing": failing,
+    "outage": outage,
     "throughput-1024": partial(throughput, name="throughput-1024"),
     "throughput-256": partial(throughput, name="throughput-256"),
     "memory": partial(throughput, name="memory"),
@@ -31,6 +36,10 @@ DESCRIPTIONS = {
     "kill": "2,000 rows, kill -9 mid-run, rerun: complete output, little sent twice",
     "rerun": "5,000 rows, then the identical command: no request, under 5 s",
     "rpm": "1,000 rows at rpm=600 against a 600/min server: pacing, no 429",
+    "rate-limit": "300 rows against a 1,200/min server, no rpm set: the rate is learned",
+    "slots": "400 rows, 64 workers, a server with 4 slots of 0.1 s: the limit adapts",
+    "failing": "200 rows, every request a 500: the run stops itself within 40 requests",
+    "outage": "1,200 rows with a 20 s outage mid-run: ridden out",
     "throughput-1024": "10,000 rows, 1024 in flight, latency 2 s",
     "throughput-256": "5,000 rows, 256 in flight, latency 1 s",
     "memory": "100,000 rows, 256 in flight, latency 0.05 s: peak RSS",

@@ -37,7 +37,9 @@ from capflow.rows import Row
 from capflow.run import RowResult, RunInfo, RunSummary
 from capflow.sending import Sender, Stopped
 from capflow.stop_rules import StopRules
+from capflow.storage.file import write_atomically
 from capflow.storage.journal import RunJournal
+from capflow.storage.lock import RunLock
 from capflow.summary import format_summary
 
 if TYPE_CHECKING:
@@ -149,17 +151,26 @@ class _Step:
 
     async def run(self) -> RunSummary:
         began = time.perf_counter()
-        if not self.dry_run:
-            # Started first: the model it resolves belongs in every cache key and fingerprint.
-            await self.serving.start()
-            self.started = True
+        # Before anything is sent (the serving's start may ask the server for its model):
+        # the input and output are checked, and the output is this run's alone.
+        self.storage.check()
+        lock = None if self.dry_run else RunLock(self.storage.journal_path()).acquire()
         try:
-            self.open_stores()
-            await self.run_rows()
+            if not self.dry_run:
+                # Started before the stores: the model it resolves belongs in every cache key
+                # and fingerprint.
+                await self.serving.start()
+                self.started = True
+            try:
+                self.open_stores(lock)
+                await self.run_rows()
+            finally:
+                if self.started:
+                    await self.serving.close()
+                self.close_stores()
         finally:
-            if self.started:
-                await self.serving.close()
-            self.close_stores()
+            if lock is not None and self.journal is None:
+                lock.release()  # the journal, once open, releases it when it closes
         summary = self.summary
         if summary.total is None and summary.stopped is None:
             summary.total = summary.rows  # the whole input was read
@@ -169,9 +180,8 @@ class _Step:
         self.hook.capflow_run_end(summary=summary)
         return summary
 
-    def open_stores(self) -> None:
+    def open_stores(self, lock: RunLock | None = None) -> None:
         """Open the response cache and the run journal (a clear error when they cannot be)."""
-        self.storage.check()  # before anything is created or sent
         self.serving_key = dict(self.serving.describe())
         if self.settings.share_endpoints:
             self.serving_key.pop("endpoint", None)
@@ -181,7 +191,8 @@ class _Step:
             if cache_path and (not self.dry_run or Path(cache_path).exists()):
                 self.cache = ResponseCache(Path(cache_path))
             if not self.dry_run:
-                self.journal = RunJournal(self.storage.journal_path(), self.fingerprint())
+                self.journal = RunJournal(self.storage.journal_path(), self.fingerprint(),
+                                          lock=lock)
                 self.summary.journal = str(self.journal.path)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"cannot open the response cache or the run journal: {exc}"
@@ -415,10 +426,7 @@ class _Step:
         path = self.settings.failed_output
         if not path or self.journal is None:
             return
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            for line in self.journal.failed_lines():
-                f.write(line + "\n")
+        write_atomically(Path(path), self.journal.failed_lines())
 
 
 def _store_failure(exc: sqlite3.Error, journal: RunJournal | None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import random
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,9 @@ from capflow.jpeg_shrink import JpegError, shrink_jpeg
 def _textured(size: tuple[int, int]) -> Image.Image:
     """Fine stripes, shapes and noise: detail near the pixel scale, where aliasing shows."""
     w, h = size
-    img = Image.blend(Image.new("RGB", size, (90, 140, 60)),
-                      Image.effect_noise(size, 70).convert("RGB"), 0.4)
+    # Seeded noise: the same image on every run (a damaged file must fail the same way).
+    noise = Image.frombytes("L", size, random.Random(w * h).randbytes(w * h)).convert("RGB")
+    img = Image.blend(Image.new("RGB", size, (90, 140, 60)), noise, 0.4)
     draw = ImageDraw.Draw(img)
     for x in range(0, w, 7):
         draw.line((x, 0, x + h // 3, h), fill=(240, 230, 200), width=2)

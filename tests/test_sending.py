@@ -195,7 +195,7 @@ def test_the_rate_is_learned_from_429s_and_few_requests_are_refused():
     assert server.requests <= 2 * 160
     assert elapsed <= 1.5 * (160 / 40) + 1.0  # the first window is partial
     assert sender.pacer.learned.rate is not None
-    assert 30 <= sender.pacer.learned.rate <= 60
+    assert 30 <= sender.pacer.learned.rate <= 80  # about PROBE x 40, noisy in the first second
 
 
 def test_random_429s_teach_no_rate():

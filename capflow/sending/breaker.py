@@ -36,10 +36,12 @@ class CircuitBreaker:
     """Watches the failures of requests and stops sending during an outage.
 
     :param outage_s: how long one failure may last before the run stops.
+    :param enabled: False: never open (every failure is the row's own).
     """
 
-    def __init__(self, outage_s: float = 60.0) -> None:
+    def __init__(self, outage_s: float = 60.0, enabled: bool = True) -> None:
         self.outage_s = float(outage_s)
+        self.enabled = enabled
         self.open = False
         self.opened = 0  # times it opened (for the summary)
         self.stopped: str | None = None
@@ -87,6 +89,8 @@ class CircuitBreaker:
     def failed(self, key: str, message: str, row: int, sent: float, probe: bool) -> bool:
         """A request failed with ``key`` (its kind and status). Returns True when the failure
         is the outage's (the row keeps its attempts), False when it is the row's own."""
+        if not self.enabled:
+            return False
         now = time.monotonic()
         if probe:
             self._probe_out = False

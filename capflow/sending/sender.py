@@ -45,8 +45,9 @@ class Sender:
     :param stop: called with a reason when the run must stop.
     :param rpm: requests per minute never to pass (None: no cap).
     :param tpm: tokens per minute never to pass (None: no cap).
-    :param adaptive: adapt requests in flight and pace to the server (else a fixed
-        ``max_workers`` and only the configured caps).
+    :param adaptive: adapt requests in flight and pace to the server, and hold rows back
+        during an outage (else a fixed ``max_workers``, only the configured caps, and every
+        request fails or succeeds on its own).
     :param outage_s: how long one failure of every request may last before the run stops.
     """
 
@@ -59,7 +60,7 @@ class Sender:
         self.limit = AdaptiveLimit(int(serving.max_workers), adaptive=adaptive,
                                    timeout=float(timeout) if timeout else None)
         self.pacer = Pacer(rpm, tpm, learn=adaptive)
-        self.breaker = CircuitBreaker(outage_s)
+        self.breaker = CircuitBreaker(outage_s, enabled=adaptive)
         self.reserved_tokens = 0  # estimated tokens of requests in flight (for budgets)
         self.rate_limited = 0  # 429s seen
 
