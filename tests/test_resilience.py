@@ -57,6 +57,24 @@ def test_changing_prompt_model_or_parameters_misses_the_cache(server, tmp_path, 
     assert len(server.requests) == 10
 
 
+def test_another_endpoint_has_its_own_answers_unless_endpoints_share_them(server, tmp_path):
+    data, _ = make_dataset(tmp_path, 5)
+    out = tmp_path / "a.jsonl"
+    assert run_capflow(*_args(server, data, out), cwd=tmp_path).returncode == 0
+    with FakeOpenAIServer() as other:  # the same model, on another port
+        again = run_capflow(*_args(other, data, out), cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert len(other.requests) == 5  # neither the cache nor the journal answered
+        assert "0 skipped" in again.stdout
+    shared = "cache.share_endpoints=true"
+    for n, port in enumerate(("first", "second")):
+        with FakeOpenAIServer() as endpoint:
+            result = run_capflow(*_args(endpoint, data, tmp_path / f"{port}.jsonl", shared),
+                                 cwd=tmp_path)
+            assert result.returncode == 0, result.stderr
+            assert len(endpoint.requests) == (5 if n == 0 else 0)  # the second shares answers
+
+
 def test_cache_can_be_switched_off_and_moved(server, tmp_path):
     data, _ = make_dataset(tmp_path, 5)
     cache = tmp_path / "elsewhere" / "answers.sqlite"

@@ -132,8 +132,8 @@ class OpenAIServing(Serving):
                          " through it with the aiohttp client", endpoint(self.api_url))
             else:
                 name = "http"
-                log.info("serving.transport=auto: no HTTP proxy applies to %s, so requests go"
-                         " with capflow's own HTTP client", endpoint(self.api_url))
+                log.debug("serving.transport=auto: no HTTP proxy applies to %s, so requests go"
+                          " with capflow's own HTTP client", endpoint(self.api_url))
         if name == "sdk":
             from capflow.serving._sdk_transport import SDKTransport
 
