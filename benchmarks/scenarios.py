@@ -7,6 +7,7 @@ from functools import partial
 
 from benchmarks.adaptive import failing, outage, rate_limit, slots
 from benchmarks.context import Context
+from benchmarks.llama import llama_images, llama_slots
 from benchmarks.prepare import prepare, prepare_live
 from benchmarks.report import ScenarioResult
 from benchmarks.resilience import faults, kill, rerun, rpm
@@ -23,6 +24,8 @@ SCENARIOS: dict[str, Scenario] = {
     "slots": slots,
     "failing": failing,
     "outage": outage,
+    "llama-slots": llama_slots,
+    "llama-images": llama_images,
     "throughput-1024": partial(throughput, name="throughput-1024"),
     "throughput-256": partial(throughput, name="throughput-256"),
     "memory": partial(throughput, name="memory"),
@@ -40,6 +43,8 @@ DESCRIPTIONS = {
     "slots": "400 rows, 64 workers, a server with 4 slots of 0.1 s: the limit adapts",
     "failing": "200 rows, every request a 500: the run stops itself within 40 requests",
     "outage": "1,200 rows with a 20 s outage mid-run: ridden out",
+    "llama-slots": "200 text rows, 64 workers, llama.cpp with 4 slots (optional: xllamacpp)",
+    "llama-images": "200 image rows to a text-only llama.cpp: its 500 stops the run",
     "throughput-1024": "10,000 rows, 1024 in flight, latency 2 s",
     "throughput-256": "5,000 rows, 256 in flight, latency 1 s",
     "memory": "100,000 rows, 256 in flight, latency 0.05 s: peak RSS",
