@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from capflow.answers import check_answer
+from capflow.answers import AnswerError, check_answer
 from capflow.cache import ResponseCache, request_key
 from capflow.errors import CapflowError, ConfigError, RowError, ServingError
 from capflow.observers import ObserverHooks
@@ -31,13 +31,13 @@ from capflow.plugins import get_plugin_manager
 from capflow.prepare_pool import PreparePool
 from capflow.progress import Progress
 from capflow.redaction import clean_message
-from capflow.request import Request
+from capflow.request import Request, Response
 from capflow.retry import RetryPolicy
 from capflow.rows import Row
 from capflow.run import RowResult, RunInfo, RunSummary
 from capflow.sending import Sender, Stopped
 from capflow.stop_rules import StopRules
-from capflow.storage.file import write_atomically
+from capflow.storage.file import check_output_path, write_atomically
 from capflow.storage.journal import RunJournal
 from capflow.storage.lock import RunLock
 from capflow.summary import format_summary
@@ -115,9 +115,6 @@ def _run_loop(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-_Stopped = Stopped  # the run is stopping: the row is left for a later run
-
-
 class _Step:
     def __init__(
         self, operator: Operator, storage: Storage, settings: EngineSettings, dry_run: bool
@@ -136,6 +133,7 @@ class _Step:
                              outage_s=settings.outage_s)
         self.progress = Progress(None, enabled=False)
         self.started = False
+        self.stopping = asyncio.Event()  # set once the run stops: waits end early
         self.serving_key: dict[str, Any] = {}
         self.tasks: set[asyncio.Task] = set()
         self.active = asyncio.Semaphore(1)  # rows in progress, sized in produce()
@@ -148,12 +146,20 @@ class _Step:
         if self.summary.stopped is None:
             self.summary.stopped = clean_message(reason)
             self.sender.stopping(self.summary.stopped)
+            self.stopping.set()
+
+    async def pause(self, seconds: float) -> None:
+        """Wait ``seconds`` between two tries of a row, or until the run stops."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
 
     async def run(self) -> RunSummary:
         began = time.perf_counter()
         # Before anything is sent (the serving's start may ask the server for its model):
         # the input and output are checked, and the output is this run's alone.
         self.storage.check()
+        if self.settings.failed_output and not self.dry_run:
+            check_output_path(self.settings.failed_output, "failed_output")
         lock = None if self.dry_run else RunLock(self.storage.journal_path()).acquire()
         try:
             if not self.dry_run:
@@ -211,6 +217,7 @@ class _Step:
             summary.cache_hits = self.cache.hits
             with contextlib.suppress(sqlite3.Error):
                 summary.cache_size = self.cache.size()
+            with contextlib.suppress(sqlite3.Error):
                 self.cache.close()
         if self.journal is not None:
             summary.output_ok, summary.output_failed = self.journal.counts()
@@ -219,7 +226,7 @@ class _Step:
                 self.write_failed()
             except CapflowError as exc:
                 self.stop(str(exc))
-            except OSError as exc:
+            except OSError as exc:  # a storage of a plugin's, say
                 self.stop(f"cannot write {self.storage.output_name}: {exc.strerror or exc};"
                           f" the finished rows are kept in {self.journal.path}: run the same"
                           " command again once that is fixed")
@@ -346,13 +353,14 @@ class _Step:
                 return
             if response is None:
                 response = await self.settings.retry.call(
-                    functools.partial(self.sender.send, row=row.index), request, self.count_retry
+                    functools.partial(self.sender.send, row=row.index), request, self.count_retry,
+                    self.pause,
                 )
                 if key:
-                    self.cache.put(key, response)
+                    self.cache_answer(key, response)
             check_answer(response, self.settings.accept_truncated)
             fields = self.op.apply(row, response)
-        except _Stopped:
+        except Stopped:
             return
         except RowError as exc:
             self.finish(row, error=exc.record())
@@ -370,10 +378,22 @@ class _Step:
         except (TypeError, ValueError) as exc:  # fields that cannot be written as JSON
             self.finish(row, error={"type": "BadOutput", "message": str(exc), "stage": "apply"})
 
+    def cache_answer(self, key: str, response: Response) -> None:
+        """Keep an answer for reruns: a whole one, or one cut off at the token limit (a larger
+        ``max_tokens`` asks anew, and ``accept_truncated`` takes it as it is). A refusal or an
+        empty answer is asked again next time."""
+        try:
+            check_answer(response)
+        except AnswerError as exc:
+            if exc.kind != "Truncated":
+                return
+        assert self.cache is not None
+        self.cache.put(key, response)
+
     def count_retry(self, exc: ServingError) -> None:
         self.summary.retries += 1
         if self.summary.stopped:
-            raise _Stopped
+            raise Stopped
 
     def finish(self, row: Row, *, fields: dict | None = None, error: dict | None = None) -> None:
         """Count a finished row and queue it for the next journal commit."""
@@ -404,8 +424,10 @@ class _Step:
             self.wake_writer.clear()
             try:
                 self.flush()
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
+            except sqlite3.Error as exc:
+                transient = isinstance(exc, sqlite3.OperationalError) and (
+                    "locked" in str(exc) or "busy" in str(exc))
+                if not transient:
                     # A full disk, or one that fails: sending on would only lose answers.
                     self.stop(_store_failure(exc, self.journal))
                     return
@@ -426,7 +448,11 @@ class _Step:
         path = self.settings.failed_output
         if not path or self.journal is None:
             return
-        write_atomically(Path(path), self.journal.failed_lines())
+        try:
+            write_atomically(Path(path), self.journal.failed_lines())
+        except OSError as exc:
+            raise CapflowError(f"cannot write failed_output {path}: {exc.strerror or exc};"
+                               f" the failed rows are in {self.journal.path} too") from None
 
 
 def _store_failure(exc: sqlite3.Error, journal: RunJournal | None) -> str:

@@ -41,7 +41,12 @@ class ServingError(CapflowError):
     :param status: the HTTP status, when there was one.
     :param rate_limits: what the server's rate-limit headers said, when it sent them
         (a ``capflow.serving.ratelimit_headers.RateLimitInfo``).
+
+    ``counted`` is set to False by capflow when the failure was an outage's rather than the
+    request's own: it then does not use up one of the row's attempts.
     """
+
+    counted = True
 
     def __init__(
         self,
@@ -59,3 +64,4 @@ class ServingError(CapflowError):
         self.retry_after = retry_after
         self.status = status
         self.rate_limits = rate_limits
+        self.counted = True

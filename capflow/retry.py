@@ -26,7 +26,7 @@ RATE_LIMITED = "RateLimited"
 
 def counts_as_attempt(exc: ServingError) -> bool:
     """Whether a failed try uses up one of the row's attempts."""
-    return exc.kind != RATE_LIMITED and getattr(exc, "counted", True)
+    return exc.kind != RATE_LIMITED and exc.counted
 
 
 @dataclass
@@ -53,7 +53,7 @@ class RetryPolicy:
         if exc.kind == RATE_LIMITED:
             ceiling = min(self.max_wait, self.initial_wait * 2 ** max(0, rate_waits - 1))
             return random.uniform(0.5, 1.0) * ceiling
-        if not getattr(exc, "counted", True):
+        if not exc.counted:
             return random.uniform(0, 0.05)  # the circuit breaker does the waiting
         # Full jitter: up to initial_wait after the first failure, doubling after each.
         return random.uniform(0, min(self.max_wait, self.initial_wait * 2 ** max(0, attempts - 1)))
@@ -63,8 +63,10 @@ class RetryPolicy:
         fn: Callable[[A], Awaitable[T]],
         arg: A,
         on_retry: Callable[[ServingError], None],
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> T:
-        """Await ``fn(arg)``, retrying transient ``ServingError``s; the last error is raised."""
+        """Await ``fn(arg)``, retrying transient ``ServingError``s; the last error is raised.
+        ``sleep`` waits between tries (the engine's returns early when the run stops)."""
         began = time.monotonic()
         try:
             # Most requests succeed at once: only a failed one pays for the retry machinery.
@@ -110,13 +112,14 @@ class RetryPolicy:
         if tally[0] >= self.max_attempts or first_wait >= remaining():
             raise first_error
         on_retry(first_error)
-        await asyncio.sleep(first_wait)
+        await sleep(first_wait)
         retrying = AsyncRetrying(
             stop=stop,
             wait=wait,
             retry=retry_if_exception(lambda e: isinstance(e, ServingError) and e.transient),
             after=after,
             before_sleep=before_sleep,
+            sleep=sleep,
             reraise=True,
         )
 

@@ -72,9 +72,9 @@ def format_summary(s: RunSummary) -> str:
 def _sending(s: RunSummary) -> str:
     """What the adaptive sending did, when it did anything worth a line."""
     parts = []
-    if s.max_workers and (s.limit < s.max_workers or s.limit_lowest < s.max_workers):
-        parts.append(f"in flight adapted to the server: {s.limit} at the end, lowest"
-                     f" {s.limit_lowest}, of max_workers={s.max_workers}")
+    if s.max_workers and s.limit_lowest < s.max_workers:
+        parts.append(f"in flight adapted to the server: lowest {s.limit_lowest},"
+                     f" {s.limit} at the end, of max_workers={s.max_workers}")
     if s.rate_limited:
         pace = f", paced at {s.learned_rate:.1f}/s learned from them" if s.learned_rate else ""
         parts.append(f"{_plural(s.rate_limited, '429 answer')}{pace}")

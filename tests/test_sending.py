@@ -109,10 +109,10 @@ async def _drive(serving: Serving, rows: int, *, outage_s: float = 60.0,
             await retry.call(lambda r: sender.send(r, index), Request([], estimated_tokens=10),
                              lambda exc: None)
             counts["done"] += 1
-        except ServingError:
-            counts["failed"] += 1
         except Stopped:
             counts["left"] += 1
+        except Exception:  # a serving's failure of any kind fails the row, as in the engine
+            counts["failed"] += 1
         finally:
             room.release()
 
@@ -316,3 +316,96 @@ def test_one_row_failing_again_and_again_does_not_open_the_breaker():
     for row in range(4):
         breaker.failed("ServerError:500", "HTTP 500", row, time.monotonic(), False)
     assert breaker.open
+
+
+class RecoveringServer(FailingServer):
+    """Fails with a 500 for its first ``down`` requests; the next one gets ``then`` raised (a
+    429, or a bug in a serving); every later one is answered."""
+
+    def __init__(self, max_workers: int, down: int, then: Exception) -> None:
+        super().__init__(max_workers)
+        self.down, self.then = down, then
+
+    async def complete(self, request: Request) -> Response:
+        self.requests += 1
+        await asyncio.sleep(0.005)
+        if self.requests <= self.down:
+            raise ServingError("ServerError", "HTTP 500: down", transient=True, status=500)
+        if self.requests == self.down + 1:
+            raise self.then
+        return Response("a caption", Usage(10, 5), "stop")
+
+
+@pytest.mark.parametrize("then", [
+    ServingError("RateLimited", "HTTP 429", transient=True, retry_after=0.01, status=429),
+    KeyError("a bug in a serving"),
+], ids=["429", "bug"])
+def test_a_probe_answered_otherwise_never_leaves_the_rows_waiting(monkeypatch, then):
+    monkeypatch.setattr(breaker_module, "PROBE_FIRST", 0.05)
+    server = RecoveringServer(max_workers=4, down=6, then=then)
+
+    async def go() -> tuple[RunSummary, dict[str, int]]:
+        _, summary, counts = await asyncio.wait_for(_drive(server, 20, outage_s=30), 10)
+        return summary, counts
+
+    summary, counts = asyncio.run(go())
+    assert counts["done"] >= 19 and counts["left"] == 0 and summary.stopped is None
+
+
+def test_a_probe_failing_after_the_breaker_closed_does_not_stop_the_run():
+    breaker = CircuitBreaker(outage_s=0.2)
+    for row in range(5):
+        breaker.failed("ServerError:500", "HTTP 500", row, time.monotonic(), False)
+    assert breaker.open
+
+    async def go() -> None:
+        assert await breaker.admit() is True  # the probe goes
+        breaker.succeeded(False)  # an older request's answer closes the breaker
+        await asyncio.sleep(0.3)
+        breaker.failed("ServerError:500", "HTTP 500", 99, time.monotonic() - 0.3, True)
+
+    asyncio.run(go())
+    assert not breaker.open and breaker.stopped is None
+
+
+def test_a_stop_wakes_senders_waiting_for_their_pace():
+    pacer = Pacer(rpm=6)  # one request every ten seconds
+
+    async def go() -> float:
+        await pacer.acquire(0)
+        began = time.monotonic()
+        waiting = asyncio.create_task(pacer.acquire(0))
+        await asyncio.sleep(0.1)
+        pacer.stop()
+        await waiting
+        return time.monotonic() - began
+
+    assert asyncio.run(go()) < 1.0
+
+
+def test_without_the_breaker_an_unreachable_server_still_stops_the_run():
+    class Refused(Serving):
+        max_workers, requests = 4, 0
+
+        async def complete(self, request: Request) -> Response:
+            self.requests += 1
+            raise ServingError("ConnectionError", "connection refused", transient=True)
+
+    server = Refused()
+    summary = RunSummary()
+
+    def stop(reason: str) -> None:
+        summary.stopped = summary.stopped or reason
+
+    sender = Sender(server, summary, StopRules(), stop, adaptive=False)
+
+    async def go() -> None:
+        for row in range(30):
+            with pytest.raises(ServingError):
+                await sender.send(Request([]), row)
+            if summary.stopped:
+                break
+
+    asyncio.run(go())
+    assert summary.stopped and "cannot be reached" in summary.stopped
+    assert server.requests == 20

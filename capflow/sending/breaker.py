@@ -70,13 +70,19 @@ class CircuitBreaker:
                 self._probe_out = True
                 return True
             self._changed.clear()
-            wait = None if self._probe_out else self._next_probe - now
+            # While a probe is out its outcome wakes us; look again now and then all the same.
+            wait = PROBE_MAX if self._probe_out else self._next_probe - now
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), wait)
 
     def succeeded(self, probe: bool) -> None:
         """An answer came back."""
         self._last_success = time.monotonic()
+        self.answered(probe)
+
+    def answered(self, probe: bool) -> None:
+        """The server answered (an answer, or a refusal that is not an outage's, such as a
+        429): it is there, so the sending resumes."""
         self._ever_answered = True
         self._streak_key, self._streak_rows, self._any_rows = None, set(), set()
         if probe:
@@ -84,6 +90,14 @@ class CircuitBreaker:
         if self.open:
             self.open = False
             self._failed_probes = 0
+            self._pulse()
+
+    def probe_lost(self) -> None:
+        """The probe went without a word on how it went (the run stopped, or the serving
+        raised something unexpected): another may go when its time comes."""
+        if self._probe_out:
+            self._probe_out = False
+            self._schedule_probe(time.monotonic())
             self._pulse()
 
     def failed(self, key: str, message: str, row: int, sent: float, probe: bool) -> bool:
@@ -94,6 +108,7 @@ class CircuitBreaker:
         now = time.monotonic()
         if probe:
             self._probe_out = False
+        if probe and self.open:
             self._failed_probes += 1
             self._message = message
             self._schedule_probe(now)
@@ -102,6 +117,8 @@ class CircuitBreaker:
             return True
         if self.open:
             return True  # sent just before it opened: the same outage
+        # (A probe that fails after an older request's answer closed the breaker is one more
+        # failure among answers: judged below, like any other.)
         if sent < self._last_success:
             return False  # answers came back while it was out: not an outage
         if key != self._streak_key:

@@ -12,6 +12,7 @@ Three kinds of limit, the tightest of which wins at each moment:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from capflow.sending.learned_rate import LearnedRate
@@ -22,6 +23,7 @@ _HEADROOM = 0.98
 # Header-based pacing starts once less than this share of the server's window is left.
 _HEADER_LOW = 0.2
 _HEADER_TTL = 10.0  # seconds a header reading stays in force without a fresh one
+_MAX_HOLD = 60.0  # the longest everyone waits on one "nothing left" answer (a 429 re-holds)
 
 
 class Pacer:
@@ -46,6 +48,7 @@ class Pacer:
         self._hold_until = 0.0  # the server said its window is empty until then
         self._next = 0.0  # monotonic time before which nothing may be sent
         self._lock = asyncio.Lock()
+        self._stopped = asyncio.Event()
 
     @property
     def active(self) -> bool:
@@ -53,6 +56,11 @@ class Pacer:
         return bool(self.request_interval or self.seconds_per_token
                     or (self.learned is not None and self.learned.limiting)
                     or self._header_until or self._hold_until)
+
+    def stop(self) -> None:
+        """The run is stopping: every sender waiting for its turn goes at once (to find that
+        out)."""
+        self._stopped.set()
 
     def rate(self) -> float | None:
         """The request rate (per second) being kept to now, or None when none is."""
@@ -76,8 +84,11 @@ class Pacer:
         async with self._lock:  # FIFO: senders go out in the order they asked
             now = time.monotonic()
             start = max(now, self._next, self._hold_until)
-            if start > now:
-                await asyncio.sleep(start - now)
+            if self._hold_until and now >= self._hold_until:
+                self._hold_until = 0.0
+            if start > now and not self._stopped.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopped.wait(), start - now)
             per_token = max(self.seconds_per_token, self._header_seconds_per_token)
             self._next = start + max(self._interval(start), tokens * per_token)
 
@@ -115,7 +126,8 @@ class Pacer:
                                      info.reset_tokens if info.remaining_tokens == 0 else None)
                          if w]
                 if waits:
-                    self._hold_until = max(self._hold_until, now + min(waits))
+                    hold = min(min(waits), _MAX_HOLD)
+                    self._hold_until = max(self._hold_until, now + hold)
 
     def _read_headers(self, info: RateLimitInfo, now: float) -> None:
         # A window being used up fast is refilled at (limit - remaining) / reset per second:

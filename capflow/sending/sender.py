@@ -25,6 +25,9 @@ from capflow.stop_rules import StopRules
 _NOT_OUTAGES = {"RateLimited", "AuthenticationError", "PermissionDenied", "NotFound",
                 "TLSError", "Redirected", "QuotaExceeded"}
 _OVERLOAD_STATUS = {503, 529}
+# With the circuit breaker off (adaptive=false): this many requests in a row that cannot
+# connect stop the run (a busy run drops a few connections; a wrong address drops them all).
+UNREACHABLE_AFTER = 20
 
 
 class Stopped(Exception):
@@ -63,6 +66,19 @@ class Sender:
         self.breaker = CircuitBreaker(outage_s, enabled=adaptive)
         self.reserved_tokens = 0  # estimated tokens of requests in flight (for budgets)
         self.rate_limited = 0  # 429s seen
+        self._unreachable_streak = 0
+
+    def _unreachable(self, exc: ServingError) -> str | None:
+        """Without the breaker: a reason to stop once many requests in a row could not even
+        connect (a wrong address), else None."""
+        if exc.kind != "ConnectionError":
+            self._unreachable_streak = 0
+            return None
+        self._unreachable_streak += 1
+        if self._unreachable_streak < UNREACHABLE_AFTER:
+            return None
+        return (f"the server cannot be reached ({exc}): check api_url and that the server is"
+                " running")
 
     def report(self, summary: RunSummary) -> None:
         """Put what the sending adapted to into ``summary``."""
@@ -76,7 +92,8 @@ class Sender:
 
     def status(self) -> dict[str, object]:
         """The sending's state for the progress display."""
-        fields: dict[str, object] = {"in_flight": f"{self.limit.in_flight}/{int(self.limit.limit)}"}
+        fields: dict[str, object] = {"in_flight": self.limit.in_flight,
+                                     "limit": f"{int(self.limit.limit)}/{self.limit.ceiling}"}
         rate = self.pacer.rate()
         if rate:
             fields["pace"] = f"{rate:.1f}/s"
@@ -87,6 +104,7 @@ class Sender:
     def stopping(self, reason: str) -> None:
         """The run stops: wake every row held back."""
         self.breaker.stop(reason)
+        self.pacer.stop()
 
     async def send(self, request: Request, row: int) -> Response:
         """One try of ``request`` for row ``row``: its response, or a ``ServingError``."""
@@ -101,12 +119,14 @@ class Sender:
                 break
             # The breaker opened while this row waited for its place: back to waiting.
             self.limit.release(ticket, time.monotonic(), "none")
-        outcome, sent, tokens = "other", time.monotonic(), 0
+        outcome, sent, tokens = "none", time.monotonic(), 0
         try:
             if summary.stopped:
                 raise Stopped
             if self.pacer.active:
                 await self.pacer.acquire(request.estimated_tokens)
+                if summary.stopped:  # it stopped while this row waited for its turn
+                    raise Stopped
             # Budgets count what is in flight too, so the last requests cannot overshoot them.
             reason = self.rules.before_request(
                 summary.prompt_tokens, summary.completion_tokens,
@@ -119,22 +139,28 @@ class Sender:
             self.reserved_tokens += request.estimated_tokens
             sent = time.monotonic()
             self.pacer.sent()
+            outcome = "other"
             try:
                 response = await self.serving.complete(request)
             except ServingError as exc:
                 outcome = self._failed(exc, row, sent, probe)
+                probe = False  # the breaker has heard how it went
                 raise
             finally:
                 self.reserved_tokens -= request.estimated_tokens
             outcome, tokens = "ok", self._succeeded(request, response, probe)
+            probe = False
         finally:
             self.limit.release(ticket, sent, outcome, tokens)
+            if probe:  # stopped, cancelled, or a bug in the serving: the next probe may go
+                self.breaker.probe_lost()
         return response
 
     def _succeeded(self, request: Request, response: Response, probe: bool) -> int:
         """Learn from an answer and count its tokens; returns its completion tokens."""
         self.pacer.succeeded(response.rate_limits)
         self.breaker.succeeded(probe)
+        self._unreachable_streak = 0
         usage = response.usage
         if not (usage.prompt_tokens or usage.completion_tokens):
             # No usage from the server: estimate, so budgets and the summary still hold.
@@ -156,14 +182,24 @@ class Sender:
         if exc.kind == "RateLimited":
             self.rate_limited += 1
             self.pacer.rate_limited(exc.retry_after, exc.rate_limits)
-        elif exc.kind not in _NOT_OUTAGES:
+        if exc.kind in _NOT_OUTAGES:
+            # An answer, if not a welcome one: the server is there. (A wrong key or address
+            # is the stop rules' to judge.)
+            self.breaker.answered(probe)
+        else:
             key = f"{exc.kind}:{exc.status}"
-            if self.breaker.failed(key, str(exc), row, sent, probe):
-                # The outage's failure, not the row's: its attempts are kept, and it waits.
-                exc.counted = False  # type: ignore[attr-defined]
-                exc.transient = True
+            # A failure of the row's own (a 400 for its image, say) counts toward an outage
+            # (a model that takes no image answers every row so) but stays the row's error;
+            # a transient one during an outage is the outage's: the row keeps its attempts
+            # and waits for the server.
+            if self.breaker.failed(key, str(exc), row, sent, probe) and exc.transient:
+                exc.counted = False
             if self.breaker.stopped:
                 self._stop(self.breaker.stopped)
+        if not self.breaker.enabled:
+            reason = self._unreachable(exc)
+            if reason:
+                self._stop(reason)
         reason = self.rules.after_request(exc.kind, str(exc))
         if reason:
             self._stop(reason)

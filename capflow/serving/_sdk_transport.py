@@ -167,7 +167,7 @@ class SDKTransport:
                                        stream=True)
         limits = rate_limit_info(resp.headers.get)
         try:
-            streamed = StreamedAnswer(json_body="json" in resp.headers.get("content-type", ""))
+            streamed = StreamedAnswer(json_body="json" in resp.headers.get("content-type", "").lower())
             async for chunk in resp.aiter_raw():
                 streamed.feed(chunk)
                 if streamed.done:

@@ -8,7 +8,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from capflow.errors import ConfigError, ServingError
-from capflow.redaction import add_secret
+from capflow.redaction import add_secret, clean_message
 from capflow.request import Request, Response
 from capflow.serving.base import Serving
 from capflow.serving.transport import TransportOptions, check_key, proxy_for
@@ -70,6 +70,10 @@ class OpenAIServing(Serving):
             raise ConfigError("serving.max_response_bytes must be at least 1024, not"
                               f" {max_response_bytes}")
         self.api_url = str(api_url) if api_url else None
+        if self.api_url and "@" in urlsplit(self.api_url).netloc:
+            # It would go in every log line and saved config; and the key has its own way in.
+            raise ConfigError("api_url must not hold a user name or password: put the API key"
+                              " in the environment variable named by key_name_of_api_key")
         self.key_name_of_api_key = key_name_of_api_key
         self.model_name = model_name
         self.max_workers = int(max_workers)
@@ -160,9 +164,10 @@ class OpenAIServing(Serving):
                 ) from None
             raise ConfigError(f"cannot reach {self.api_url}: {exc}") from None
         if len(models) != 1:
-            shown = ", ".join(models[:10]) or "none"
+            shown = clean_message(", ".join(models[:10]) or "none", 300)
             raise ConfigError(f"model_name is not set and the server offers {shown}: set one")
-        log.info("model_name not set: using the server's only model, %s", models[0])
+        log.info("model_name not set: using the server's only model, %s",
+                 clean_message(models[0], 200))
         return models[0]
 
     async def close(self) -> None:

@@ -146,35 +146,7 @@ class FileStorage(Storage):
             raise ConfigError(f"cannot read input file {path}: {exc.strerror}") from None
 
     def _check_output(self) -> None:
-        out = self.output_path
-        try:
-            st = os.stat(out)
-        except OSError:
-            st = None  # not there yet (or its folder is not): see below
-        if st is not None and stat.S_ISDIR(st.st_mode):
-            raise ConfigError(_folder_output(out))
-        if st is not None and not stat.S_ISREG(st.st_mode):
-            # e.g. /dev/null: the output is replaced by a rename, which would replace the device.
-            raise ConfigError(f"output is not a regular file: {out}")
-        folder = Path(out).parent
-        # The nearest folder that exists: the output's own, or the one its folder is made in.
-        for existing in (folder, *folder.parents):
-            try:
-                st = os.stat(existing)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            except OSError as exc:
-                raise ConfigError(f"cannot write the output {out}: {existing}: {exc.strerror}"
-                                  ) from None
-            if not stat.S_ISDIR(st.st_mode):
-                raise ConfigError(
-                    f"cannot write the output {out}: {existing} is a file, not a folder"
-                )
-            if not os.access(existing, os.W_OK | os.X_OK):
-                raise ConfigError(
-                    f"cannot write the output {out}: the folder {existing} is not writable"
-                )
-            return
+        check_output_path(self.output_path)
 
     def _open_input(self):  # noqa: ANN202 - a text file object
         path = self.input_path
@@ -281,9 +253,39 @@ def write_atomically(path: Path, lines: Iterable[str], *, as_array: bool = False
                 os.unlink(tmp)
 
 
-def _folder_output(out: str) -> str:
+def check_output_path(out: str, name: str = "output") -> None:
+    """Raise ``ConfigError`` (one line, naming ``name``) unless a file can be written at
+    ``out``: not a folder, not a device, in a folder that exists or can be made, writable."""
+    try:
+        st = os.stat(out)
+    except OSError:
+        st = None  # not there yet (or its folder is not): see below
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise ConfigError(_folder_output(out, name))
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        # e.g. /dev/null: the output is replaced by a rename, which would replace the device.
+        raise ConfigError(f"{name} is not a regular file: {out}")
+    folder = Path(out).parent
+    # The nearest folder that exists: the output's own, or the one its folder is made in.
+    for existing in (folder, *folder.parents):
+        try:
+            st = os.stat(existing)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:
+            raise ConfigError(f"cannot write the {name} {out}: {existing}: {exc.strerror}"
+                              ) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"cannot write the {name} {out}: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"cannot write the {name} {out}: the folder {existing} is not"
+                              " writable")
+        return
+
+
+def _folder_output(out: str, name: str = "output") -> str:
     example = os.path.join(out, "captions.jsonl")
-    return f"output is a folder: {out}; name a file such as {example}"
+    return f"{name} is a folder: {out}; name a file such as {example}"
 
 
 def _utf8_problem(path: str) -> str:

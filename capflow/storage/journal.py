@@ -13,11 +13,14 @@ the first one's rows.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 from capflow.storage.lock import RunLock
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -58,6 +61,11 @@ class RunJournal:
         self._db.executescript(_SCHEMA)
         row = self._db.execute("SELECT value FROM meta WHERE key='fingerprint'").fetchone()
         if row is None or row[0] != fingerprint:
+            (stale,) = self._db.execute("SELECT COUNT(*) FROM rows").fetchone()
+            if stale:
+                log.info("%s holds %d rows of a run with another input or other settings: the"
+                         " step starts afresh (the response cache still answers what was asked"
+                         " before)", self.path, stale)
             self._db.execute("BEGIN")
             self._db.execute("DELETE FROM rows")
             self._db.execute(
