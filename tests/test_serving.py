@@ -199,15 +199,18 @@ def test_auto_uses_the_own_client_unless_a_proxy_applies(no_proxy, caplog):
         finally:
             await serving.close()
 
-    with caplog.at_level(logging.INFO, logger="capflow"):
+    with caplog.at_level(logging.DEBUG, logger="capflow"):
         assert asyncio.run(chosen("http://api.example.org/v1")) == "HttpTransport"
         no_proxy.setenv("HTTP_PROXY", "http://127.0.0.1:9")
         assert asyncio.run(chosen("http://api.example.org/v1")) == "AiohttpTransport"
         assert asyncio.run(chosen("https://api.example.org/v1")) == "HttpTransport"
         no_proxy.setenv("NO_PROXY", ".example.org")
         assert asyncio.run(chosen("http://api.example.org/v1")) == "HttpTransport"
-    lines = [r.getMessage() for r in caplog.records if "transport=auto" in r.getMessage()]
+    records = [r for r in caplog.records if "transport=auto" in r.getMessage()]
+    lines = [r.getMessage() for r in records]
     assert len(lines) == 4 and "proxy applies" in lines[1] and "own HTTP client" in lines[3]
+    # Only the proxy is news worth an info line; the usual choice is a debug one.
+    assert [r.levelno for r in records] == [logging.DEBUG, logging.INFO] + [logging.DEBUG] * 2
 
 
 def test_auto_goes_through_the_proxy_it_found(no_proxy):
@@ -232,7 +235,7 @@ def test_auto_goes_through_the_proxy_it_found(no_proxy):
 
 def test_describe_names_the_endpoint_normalised():
     cases = {
-        "HTTPS://User:Secret@API.Example.ORG:443/v1/": "https://api.example.org/v1",
+        "HTTPS://API.Example.ORG:443/v1/": "https://api.example.org/v1",
         "http://127.0.0.1:80/v1": "http://127.0.0.1/v1",
         "http://[::1]:8000/v1": "http://[::1]:8000/v1",
         "https://api.example.org:8443/openai/v1//": "https://api.example.org:8443/openai/v1",
@@ -242,6 +245,12 @@ def test_describe_names_the_endpoint_normalised():
         assert described["endpoint"] == endpoint
         assert set(described) == {"serving", "model", "params", "extra_body", "endpoint"}
     assert OpenAIServing(api_url=None).describe()["endpoint"] is None
+
+
+def test_an_api_url_holding_credentials_is_refused():
+    with pytest.raises(ConfigError, match="must not hold a user name or password") as caught:
+        OpenAIServing(api_url="https://user:Secret@api.example.org/v1", model_name="m")
+    assert "Secret" not in str(caught.value)
 
 
 def test_start_registers_the_key_and_checks_the_ca_file(server, monkeypatch, tmp_path):

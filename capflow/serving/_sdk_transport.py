@@ -167,7 +167,8 @@ class SDKTransport:
                                        stream=True)
         limits = rate_limit_info(resp.headers.get)
         try:
-            streamed = StreamedAnswer(json_body="json" in resp.headers.get("content-type", "").lower())
+            content_type = resp.headers.get("content-type", "").lower()
+            streamed = StreamedAnswer(json_body="json" in content_type)
             async for chunk in resp.aiter_raw():
                 streamed.feed(chunk)
                 if streamed.done:
