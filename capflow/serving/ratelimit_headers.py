@@ -11,7 +11,6 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _MAX_WAIT = 24 * 3600.0  # a longer "wait" is a broken header, not advice
@@ -73,6 +72,8 @@ def retry_after(get: Callable[[str], str | None]) -> float | None:
     try:
         value = float(header)
     except ValueError:
+        from email.utils import parsedate_to_datetime  # rare: most servers send seconds
+
         try:
             when = parsedate_to_datetime(header)
         except (TypeError, ValueError, IndexError):

@@ -22,7 +22,6 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
-from urllib.request import getproxies_environment, proxy_bypass_environment
 
 from capflow.errors import ConfigError, ServingError
 from capflow.redaction import clean_message
@@ -165,6 +164,11 @@ def proxy_for(api_url: str) -> str | None:
     ``NO_PROXY``) sets for ``api_url``, or None. One rule for ``auto`` and for the clients
     that use proxies, so that the choice and the connection agree. Only http(s) proxies
     count: no client here speaks SOCKS."""
+    if not any(name.lower().endswith("_proxy") and name.lower() != "no_proxy" and value
+               for name, value in os.environ.items()):
+        return None  # the usual case, without importing urllib.request (tens of ms at start)
+    from urllib.request import getproxies_environment, proxy_bypass_environment
+
     parts = urlsplit(api_url)
     proxies = getproxies_environment()
     proxy = proxies.get(parts.scheme) or proxies.get("all")
