@@ -32,7 +32,7 @@ import time
 from collections import deque
 
 INITIAL = 16
-OPEN_AFTER = 0.1  # seconds without any answer before the window opens to the ceiling ...
+OPEN_AFTER = 0.05  # seconds without any answer before the window opens to the ceiling ...
 OPEN_TIMEOUT = 30.0  # ... when requests may take this long
 TOLERANCE = 2.0  # latency may reach this multiple of the baseline before the limit shrinks
 SHRINK_ON_DROP = 0.75
