@@ -103,3 +103,41 @@ def test_an_outage_in_the_middle_of_a_run_is_ridden_out(tmp_path):
     _captioned(tmp_path, rows, tmp_path / "o.jsonl")
     assert "paused 1 time for an outage" in result.stdout
     assert statuses.get("503", 0) <= 30  # probes, not every row's attempts
+
+
+def test_a_certificate_that_does_not_verify_stops_the_run_at_once(tmp_path):
+    import ssl
+
+    import trustme
+
+    from capflow.testing.hostile import HostileServer
+
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    data, _ = make_dataset(tmp_path, 30)
+    with HostileServer(ssl=context) as server:
+        began = time.monotonic()
+        refused = run_capflow(*_args(server, data, tmp_path / "o.jsonl"), cwd=tmp_path)
+        elapsed = time.monotonic() - began
+        assert server.requests == 0 and server.connections <= 10  # no retry loop
+        trusted = run_capflow(*_args(server, data, tmp_path / "o.jsonl",
+                                     f"serving.ca_file={tmp_path / 'ca.pem'}"), cwd=tmp_path)
+    assert refused.returncode == 1 and elapsed < 10
+    [line] = [line for line in refused.stderr.splitlines() if "stopped early" in line]
+    assert "TLSError" in line and "serving.ca_file" in line and "SSL_CERT_FILE" in line
+    assert trusted.returncode == 0, trusted.stdout + trusted.stderr
+
+
+def test_a_redirect_stops_the_run_naming_the_api_url_to_set(tmp_path):
+    from capflow.testing.hostile import HostileServer
+
+    data, _ = make_dataset(tmp_path, 30)
+    with HostileServer("redirect", status=301,
+                       location="https://api.example.org/v1/chat/completions") as server:
+        result = run_capflow(*_args(server, data, tmp_path / "o.jsonl"), cwd=tmp_path)
+        assert server.requests <= 10
+    assert result.returncode == 1
+    [line] = [line for line in result.stderr.splitlines() if "stopped early" in line]
+    assert "set api_url to https://api.example.org/v1" in line
