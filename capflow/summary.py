@@ -75,6 +75,8 @@ def _sending(s: RunSummary) -> str:
     if s.max_workers and s.limit_lowest < s.max_workers:
         parts.append(f"in flight adapted to the server: lowest {s.limit_lowest},"
                      f" {s.limit} at the end, of max_workers={s.max_workers}")
+    elif s.max_workers and s.requests:
+        parts.append(f"in flight: limit {s.limit} of max_workers={s.max_workers}")
     if s.rate_limited:
         pace = f", paced at {s.learned_rate:.1f}/s learned from them" if s.learned_rate else ""
         parts.append(f"{_plural(s.rate_limited, '429 answer')}{pace}")
