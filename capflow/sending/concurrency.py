@@ -39,6 +39,9 @@ SHRINK_ON_DROP = 0.75
 RAISED = 1.3  # latency above this multiple of the baseline: the server is queueing
 PROBE_EVERY = 30.0
 _TOKENS_OFFSET = 50  # a request's fixed cost (prompt, images), in completion-token units
+# Latencies below this are the client's own scheduling as much as the server's: a fast server
+# answering in 2 ms or in 5 ms is not queueing.
+_LATENCY_FLOOR = 0.025
 _BASE_GROUP = 8  # answers per baseline reading
 
 
@@ -121,7 +124,8 @@ class AdaptiveLimit:
             self._answered = True
             now = time.monotonic()
             if outcome == "ok":
-                self._answer(ticket, (now - sent) / (tokens + _TOKENS_OFFSET), now)
+                latency = max(now - sent, _LATENCY_FLOOR)
+                self._answer(ticket, latency / (tokens + _TOKENS_OFFSET), now)
             elif (outcome == "overload" or outcome == "timeout" and self._ratio > RAISED) and (
                     sent >= self._last_decrease):
                 self._decrease(self.limit * SHRINK_ON_DROP, now)
