@@ -26,8 +26,8 @@ from aiohttp import http_exceptions
 from yarl import URL
 
 from capflow import __version__
-from capflow.errors import ConfigError, ServingError
-from capflow.redaction import add_secret, clean_message
+from capflow.errors import ServingError
+from capflow.redaction import clean_message
 from capflow.request import Response
 from capflow.serving._protocol import CappedBody, StreamedAnswer, answer, decode_answer, model_ids
 from capflow.serving.ratelimit_headers import rate_limit_info
@@ -36,7 +36,7 @@ from capflow.serving.transport import (
     MAX_HEADER_COUNT,
     TransportOptions,
     check_ca_file,
-    check_key,
+    endpoint_parts,
     headers_too_large,
     proxy_for,
     redirect_error,
@@ -151,11 +151,7 @@ class AiohttpTransport:
     """Chat completions over one ``aiohttp.ClientSession``."""
 
     def __init__(self, api_url: str, key: str | None, options: TransportOptions) -> None:
-        parts = urlsplit(api_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"serving.api_url must be an http(s) URL, not {api_url!r}")
-        check_key(key)
-        add_secret(key)
+        parts = endpoint_parts(api_url, key)
         self.api_url = api_url
         self.base = api_url.rstrip("/")
         self.host = parts.hostname

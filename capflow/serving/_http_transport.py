@@ -19,13 +19,12 @@ import asyncio
 import json
 import logging
 from typing import Any
-from urllib.parse import urlsplit
 
 import httptools
 
 from capflow import __version__
-from capflow.errors import ConfigError, ServingError
-from capflow.redaction import add_secret, clean_message
+from capflow.errors import ServingError
+from capflow.redaction import clean_message
 from capflow.request import Response
 from capflow.serving._protocol import (
     CappedBody,
@@ -40,7 +39,7 @@ from capflow.serving.transport import (
     MAX_HEADER_COUNT,
     TransportOptions,
     check_ca_file,
-    check_key,
+    endpoint_parts,
     headers_too_large,
     proxy_for,
     redirect_error,
@@ -239,15 +238,8 @@ class HttpTransport:
     """Chat completions over capflow's own pool of keep-alive HTTP/1.1 connections."""
 
     def __init__(self, api_url: str, key: str | None, options: TransportOptions) -> None:
-        parts = urlsplit(api_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"serving.api_url must be an http(s) URL, not {api_url!r}")
-        try:
-            port = parts.port
-        except ValueError:
-            raise ConfigError(f"serving.api_url has a bad port: {api_url!r}") from None
-        check_key(key)
-        add_secret(key)
+        parts = endpoint_parts(api_url, key)
+        port = parts.port
         self.api_url = api_url
         self.timeout = options.timeout
         self.limit = options.max_response_bytes

@@ -193,22 +193,20 @@ class CappedBody:
         """``data`` decompressed, at most as far as the limit allows (an error past it)."""
         if self._unpack is None:
             return data
-        try:
-            out = self._unpack.decompress(data, self.limit - self.decoded + 1)
-        except zlib.error as exc:
-            raise ServingError("BadResponse", f"cannot decompress the answer: {exc}",
-                               transient=True) from None
-        self.decoded += len(out)
-        if self.decoded > self.limit:
-            raise too_large(self.limit)
-        return out
+        unpack = self._unpack
+        return self._count(lambda room: unpack.decompress(data, room))
 
     def finish(self) -> bytes:
         """What the decompressor still holds."""
         if self._unpack is None:
             return b""
+        unpack = self._unpack
+        return self._count(lambda room: unpack.flush(room))
+
+    def _count(self, inflate: Callable[[int], bytes]) -> bytes:
+        # One byte more than the room left: enough to tell an answer past the limit.
         try:
-            out = self._unpack.flush(self.limit - self.decoded + 1)
+            out = inflate(self.limit - self.decoded + 1)
         except zlib.error as exc:
             raise ServingError("BadResponse", f"cannot decompress the answer: {exc}",
                                transient=True) from None

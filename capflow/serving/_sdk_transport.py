@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 
 import httpx2
 
-from capflow.errors import ConfigError, ServingError
-from capflow.redaction import add_secret, clean_message
+from capflow.errors import ServingError
+from capflow.redaction import clean_message
 from capflow.request import Response
 from capflow.serving._aiohttp_transport import (
     aiohttp_error,
@@ -31,7 +31,7 @@ from capflow.serving._protocol import CappedBody, StreamedAnswer, answer, decode
 from capflow.serving.ratelimit_headers import rate_limit_info
 from capflow.serving.transport import (
     TransportOptions,
-    check_key,
+    endpoint_parts,
     ssl_context,
     timeout_error,
     within,
@@ -115,11 +115,7 @@ class SDKTransport:
     """Chat completions through ``openai.AsyncOpenAI`` with its aiohttp HTTP client."""
 
     def __init__(self, api_url: str, key: str | None, options: TransportOptions) -> None:
-        parts = urlsplit(api_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"serving.api_url must be an http(s) URL, not {api_url!r}")
-        check_key(key)
-        add_secret(key)
+        endpoint_parts(api_url, key)
         import openai  # imported here: only this transport pays for the SDK
         from openai._vendor.httpx_aiohttp.transport import AiohttpTransport
 

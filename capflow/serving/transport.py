@@ -21,10 +21,10 @@ import os
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from capflow.errors import ConfigError, ServingError
-from capflow.redaction import clean_message
+from capflow.redaction import add_secret, clean_message
 from capflow.request import Response
 
 if TYPE_CHECKING:
@@ -125,6 +125,22 @@ def redirect_error(status: int, location: str | None, api_url: str) -> ServingEr
         transient=False,
         status=status,
     )
+
+
+def endpoint_parts(api_url: str, key: str | None) -> SplitResult:
+    """What every transport checks first: ``api_url`` is an http(s) URL with a host and a
+    valid port (its parts are returned), and ``key`` can travel in a header (it is then
+    registered, so that any text quoting it is redacted)."""
+    parts = urlsplit(api_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"serving.api_url must be an http(s) URL, not {api_url!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number in range
+    except ValueError:
+        raise ConfigError(f"serving.api_url has a bad port: {api_url!r}") from None
+    check_key(key)
+    add_secret(key)
+    return parts
 
 
 def check_key(key: str | None, source: str = "the API key") -> None:
