@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from capflow.engine import EngineSettings
 from capflow.errors import ConfigError
+from capflow.manifest import RunContext
 from capflow.operators.base import Operator
 from capflow.retry import RetryPolicy
 from capflow.run import RunSummary
@@ -55,6 +57,23 @@ def _in_job_dir(path: str | None) -> str | None:
     return str(Path(hydra.runtime.output_dir) / path)
 
 
+def run_context(cfg: DictConfig) -> RunContext:
+    """The command line, the resolved config and the plugins, for the run's manifest."""
+    from capflow.plugins import get_plugin_manager
+    from capflow.redaction import redact
+
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an interpolation only a node's own code understands: keep it as typed
+        config = OmegaConf.to_container(cfg, resolve=False)
+    pm = get_plugin_manager()
+    plugins = [{"name": pm.get_name(plugin) or "", "package": dist.project_name,
+                "version": dist.version} for plugin, dist in pm.list_plugin_distinfo()]
+    command = ["capflow", *(redact(arg) for arg in sys.argv[1:])]
+    return RunContext(command=command, config=config if isinstance(config, dict) else {},
+                      plugins=plugins)
+
+
 def run_job(cfg: DictConfig) -> list[RunSummary]:
     """Run every pipeline step of ``cfg``; returns one summary per step that ran."""
     steps_cfg = cfg.pipeline.get("steps")
@@ -90,10 +109,12 @@ def run_job(cfg: DictConfig) -> list[RunSummary]:
         retry_failed=bool(cfg.retry_failed),
         failed_output=_in_job_dir(cfg.failed_output),
         progress=bool(cfg.progress),
+        progress_interval=float(cfg.get("progress_interval", 10)),
         adaptive=bool(cfg.adaptive),
         outage_s=float(cfg.stop.outage_s),
         accept_truncated=bool(cfg.accept_truncated),
         share_endpoints=bool(cfg.cache.share_endpoints),
+        run_context=run_context(cfg),
     )
     summaries = []
     for n, op in enumerate(operators):

@@ -113,21 +113,27 @@ def _secret_in_arguments(argv: list[str]) -> str | None:
 
 
 def _run(cfg) -> int:  # noqa: ANN001 - a DictConfig
+    from capflow import run_folder
     from capflow.app import run_job
 
     try:
-        summaries = run_job(cfg)
-    except CapflowError as exc:
-        print(f"capflow: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    if any(s.stopped == "interrupted" for s in summaries):
-        return EXIT_INTERRUPTED
-    for s in summaries:
-        if s.stopped:
-            print(f"capflow: stopped early: {s.stopped}", file=sys.stderr)
-    return EXIT_OK if all(s.ok for s in summaries) else EXIT_ROWS_FAILED
+        try:
+            summaries = run_job(cfg)
+        except CapflowError as exc:
+            print(f"capflow: error: {exc}", file=sys.stderr)
+            run_folder.note(f"capflow: error: {exc}")
+            return EXIT_ERROR
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+        if any(s.stopped == "interrupted" for s in summaries):
+            return EXIT_INTERRUPTED
+        for s in summaries:
+            if s.stopped:
+                print(f"capflow: stopped early: {s.stopped}", file=sys.stderr)
+                run_folder.note(f"capflow: stopped early: {s.stopped}")
+        return EXIT_OK if all(s.ok for s in summaries) else EXIT_ROWS_FAILED
+    finally:
+        run_folder.discard_if_nothing_ran()
 
 
 def _plugins_command() -> int:

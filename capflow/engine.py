@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import functools
 import hashlib
 import json
@@ -19,13 +20,16 @@ import signal
 import sqlite3
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from capflow import manifest
 from capflow.answers import AnswerError, check_answer
 from capflow.cache import ResponseCache, request_key
 from capflow.errors import CapflowError, ConfigError, RowError, ServingError
+from capflow.manifest import RunContext
 from capflow.observers import ObserverHooks
 from capflow.plugins import get_plugin_manager
 from capflow.prepare_pool import PreparePool
@@ -47,6 +51,10 @@ if TYPE_CHECKING:
     from capflow.storage.base import Storage
 
 log = logging.getLogger(__name__)
+# What a run's log file keeps (the CLI sends it there and nowhere else): summaries and errors.
+record = logging.getLogger("capflow.record")
+# Outputs this process has written (a run that wrote none leaves no trace: capflow.run_folder).
+outputs_written: list[str] = []
 
 ERROR_KEY = "_error"
 _SHOWN_ESTIMATES = 10
@@ -65,7 +73,9 @@ class EngineSettings:
     :param retry_failed: on a rerun, send the rows that failed last time again.
     :param failed_output: also write the failed rows to this JSON Lines file.
     :param prepare_workers: threads preparing rows (default: one per core, plus one).
-    :param progress: show a progress bar on a terminal.
+    :param progress: show a progress bar on a terminal (elsewhere, a line now and then).
+    :param progress_interval: seconds between two progress lines when stderr is not a
+        terminal.
     :param report: print the summary when the step ends.
     :param adaptive: adapt the requests in flight (``max_workers`` the ceiling) and the pace
         to the server: its latency, timeouts and 429s.
@@ -74,6 +84,7 @@ class EngineSettings:
         are ``Truncated`` row errors).
     :param share_endpoints: the response cache and the journal leave the endpoint out of
         their keys, so endpoints serving one model share answers.
+    :param run_context: the command line, config and plugins, for the run's manifest.
     """
 
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -85,11 +96,13 @@ class EngineSettings:
     failed_output: str | None = None
     prepare_workers: int | None = None
     progress: bool = True
+    progress_interval: float = 10.0
     report: bool = True
     adaptive: bool = True
     outage_s: float = 60.0
     accept_truncated: bool = False
     share_endpoints: bool = False
+    run_context: RunContext | None = None
 
 
 def run_step(
@@ -97,8 +110,10 @@ def run_step(
 ) -> RunSummary:
     """Run ``operator`` over every row of ``storage`` and return the summary."""
     summary = _run_loop(_Step(operator, storage, settings, dry_run).run())
+    text = format_summary(summary)
     if settings.report:
-        print(format_summary(summary), flush=True)
+        print(text, flush=True)
+    record.info("%s", text)
     return summary
 
 
@@ -136,6 +151,10 @@ class _Step:
         self.stopping = asyncio.Event()  # set once the run stops: waits end early
         self.serving_key: dict[str, Any] = {}
         self.tasks: set[asyncio.Task] = set()
+        self.started_at = datetime.datetime.now().astimezone()
+        self.example_index = -1  # the row whose request a dry run shows
+        self.failed_types: Counter[str] = Counter()  # this run's failed rows by error type
+        self.output_failures: dict[str, int] = {}  # the output's, from the journal
         self.active = asyncio.Semaphore(1)  # rows in progress, sized in produce()
 
     def fingerprint(self) -> str:
@@ -160,6 +179,7 @@ class _Step:
         self.storage.check()
         if self.settings.failed_output and not self.dry_run:
             check_output_path(self.settings.failed_output, "failed_output")
+        made = _missing_folders(self.storage.journal_path().parent)
         lock = None if self.dry_run else RunLock(self.storage.journal_path()).acquire()
         try:
             if not self.dry_run:
@@ -177,12 +197,18 @@ class _Step:
         finally:
             if lock is not None and self.journal is None:
                 lock.release()  # the journal, once open, releases it when it closes
+            if self.journal is None:  # nothing ran: the folders made for the output go too
+                for folder in made:
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
         summary = self.summary
         if summary.total is None and summary.stopped is None:
             summary.total = summary.rows  # the whole input was read
         summary.cost = self.rules.cost(summary.prompt_tokens, summary.completion_tokens)
         summary.elapsed = time.perf_counter() - began
         self.sender.report(summary)
+        if self.journal is not None:
+            self.write_manifest()
         self.hook.capflow_run_end(summary=summary)
         return summary
 
@@ -222,6 +248,7 @@ class _Step:
         if self.journal is not None:
             summary.output_ok, summary.output_failed = self.journal.counts()
             try:
+                self.output_failures = manifest.failed_by_type(self.journal.failed_lines())
                 self.storage.write(self.journal.lines())
                 self.write_failed()
             except CapflowError as exc:
@@ -244,8 +271,10 @@ class _Step:
                 type(self.serving).__name__, total, self.dry_run,
             )
         )
-        self.progress = Progress(total, enabled=settings.progress, status=self.sender.status)
+        self.progress = Progress(total, enabled=settings.progress,
+                                 interval=settings.progress_interval, status=self.status)
         writer = asyncio.create_task(self.write_loop())
+        ticker = asyncio.create_task(self.progress.tick())
         main = asyncio.current_task()
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -258,7 +287,21 @@ class _Step:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(signal.SIGTERM)
             writer.cancel()
+            ticker.cancel()
             self.progress.close()
+
+    def status(self) -> dict[str, object]:
+        """Tokens, cost and the sending's state, for the progress display."""
+        s = self.summary
+        fields: dict[str, object] = {}
+        if s.prompt_tokens or s.completion_tokens:
+            fields["tokens"] = _count(s.prompt_tokens + s.completion_tokens)
+            cost = self.rules.cost(s.prompt_tokens, s.completion_tokens)
+            if cost:
+                fields["cost"] = f"{cost:.4f}"
+        if not self.dry_run:
+            fields.update(self.sender.status())
+        return fields
 
     def skipped_indices(self) -> Any:
         if self.journal is None:
@@ -287,7 +330,7 @@ class _Step:
                         next_done = next(done, None)
                     if next_done == row.index:
                         self.summary.skipped += 1
-                        self.progress.update()
+                        self.progress.update(skipped=True)
                         continue
                     if batch and self.active.locked():
                         # No room for this row: send the rows already taken in, rather than
@@ -347,7 +390,9 @@ class _Step:
                     summary.row_estimates.append(
                         (row.index, request.image_count, request.image_tokens)
                     )
-                summary.example = summary.example or request.messages
+                # The first row's request, whichever row's preparation ends first.
+                if summary.example is None or row.index < self.example_index:
+                    summary.example, self.example_index = request.messages, row.index
                 summary.requests += response is None
                 self.finish(row, fields={})
                 return
@@ -402,6 +447,7 @@ class _Step:
         line = row.with_fields({ERROR_KEY: error} if error is not None else (fields or {}))
         if error is not None:
             summary.failed += 1
+            self.failed_types[error["type"]] += 1
             if len(summary.failures) < 20:
                 summary.failures.append((row.index, error))
         else:
@@ -444,6 +490,22 @@ class _Step:
             self.journal.add(self.pending)
             self.pending = []  # only once committed: a failed commit is tried again
 
+    def write_manifest(self) -> None:
+        """``<output>.run.json``: what ran, when, and what came of it."""
+        assert self.journal is not None
+        record = manifest.build(
+            self.summary, self.settings.run_context, input_name=self.storage.input_name,
+            started=self.started_at, ended=datetime.datetime.now().astimezone(),
+            this_run_failures=dict(self.failed_types.most_common()),
+            output_failures=self.output_failures,
+        )
+        path = manifest.manifest_path(self.journal.path)
+        outputs_written.append(self.storage.output_name)
+        try:
+            write_atomically(path, [manifest.dumps(record).rstrip("\n")])
+        except OSError as exc:  # the output is written: a missing record is worth a line only
+            log.warning("could not write the run's manifest %s: %s", path, exc.strerror or exc)
+
     def write_failed(self) -> None:
         path = self.settings.failed_output
         if not path or self.journal is None:
@@ -459,3 +521,22 @@ def _store_failure(exc: sqlite3.Error, journal: RunJournal | None) -> str:
     where = journal.path if journal is not None else "the response cache"
     return (f"cannot commit finished rows to {where}: {exc}; free some space and run the same"
             " command again (finished rows are kept)")
+
+
+def _count(n: int) -> str:
+    """``n`` in few characters: 950, 12.3k, 4.56M."""
+    if n < 1000:
+        return str(n)
+    if n < 1_000_000:
+        return f"{n / 1000:.1f}k"
+    return f"{n / 1_000_000:.2f}M"
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, innermost first."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing

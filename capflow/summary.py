@@ -31,7 +31,7 @@ def format_summary(s: RunSummary) -> str:
         if s.rows > len(s.row_estimates):
             lines.append("    ...")
         if s.example:
-            lines.append("  first request:")
+            lines.append("  first row's request:")
             lines += [f"    {line}" for line in _describe_messages(s.example)]
     else:
         unfinished = s.rows - s.done - s.failed - s.skipped
