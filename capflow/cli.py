@@ -29,6 +29,14 @@ def main() -> None:
         except BrokenPipeError:  # `capflow plugins | head`
             sys.stderr.close()
             sys.exit(EXIT_OK)
+    if argv[:1] == ["show"]:
+        from capflow.show import main as show
+
+        sys.exit(show(argv[1:]))
+    if argv[:1] == ["models"]:
+        from capflow.models_command import main as models
+
+        sys.exit(models(argv[1:]))
     try:
         from capflow.plugins import get_plugins
 
