@@ -21,6 +21,7 @@ import sqlite3
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -249,7 +250,7 @@ class _Step:
             summary.output_ok, summary.output_failed = self.journal.counts()
             try:
                 self.output_failures = manifest.failed_by_type(self.journal.failed_lines())
-                self.storage.write(self.journal.lines())
+                self.storage.write(_JournalLines(self.journal))
                 self.write_failed()
             except CapflowError as exc:
                 self.stop(str(exc))
@@ -540,3 +541,14 @@ def _missing_folders(folder: Path) -> list[Path]:
             break
         missing.append(path)
     return missing
+
+
+class _JournalLines:
+    """The journal's rows as JSON text, in input order, readable more than once (a CSV output
+    reads them twice: once for its columns, once to write them)."""
+
+    def __init__(self, journal: RunJournal) -> None:
+        self.journal = journal
+
+    def __iter__(self) -> Iterator[str]:
+        return self.journal.lines()

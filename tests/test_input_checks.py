@@ -4,7 +4,9 @@ FileStorage.check(), and the real command on a missing, non-UTF-8 or misplaced f
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -127,8 +129,12 @@ def test_input_problems_are_one_line_errors(tmp_path):
     (tmp_path / "afile").write_text("")
     with pytest.raises(ConfigError, match="^input file not found: .*afile/d.jsonl$"):
         _check(tmp_path / "afile" / "d.jsonl")
-    (tmp_path / "folder.jsonl").mkdir()
-    with pytest.raises(ConfigError, match=f"^input is a folder, not a file: {tmp_path}/folder"):
+    # A folder is a folder of images, whatever its name: one without any is refused.
+    (tmp_path / "folder.jsonl" / ".hidden").mkdir(parents=True)
+    (tmp_path / "folder.jsonl" / "notes.txt").write_text("")
+    (tmp_path / "folder.jsonl" / ".hidden" / "x.png").write_bytes(b"")
+    with pytest.raises(ConfigError, match=f"^input folder {tmp_path}/folder.jsonl has no images"
+                                          r" \(\.bmp, .*; hidden files and folders are skipped\)$"):
         _check(tmp_path / "folder.jsonl")
 
 
@@ -223,6 +229,135 @@ def test_output_problems_are_one_line_errors(tmp_path):
     os.symlink("/dev/null", tmp_path / "null.jsonl")
     with pytest.raises(ConfigError, match=f"^output is not a regular file: {tmp_path}/null.jsonl$"):
         _check(data, tmp_path / "null.jsonl")
+
+
+# --- check() reads the whole input: syntax, formats, columns -----------------------------------
+
+
+def test_a_json_syntax_error_anywhere_is_found_by_check_with_its_place(tmp_path):
+    rows = [{"id": f"{i:05d}", "image": ["a.png"]} for i in range(5000)]
+    text = json.dumps(rows, indent=1)
+    where = text.rindex('"04990"')
+    path = tmp_path / "d.json"
+    path.write_text(text[:where] + "04990" + text[where + 7:])  # an unquoted string
+    line = text.count("\n", 0, where) + 1
+    column = where - text.rindex("\n", 0, where) + 1  # "0" is a number; "4990" follows it
+    with pytest.raises(ConfigError, match=rf"^{path}:{line}:{column}: row 4991 is not valid JSON"
+                                          r" \(Expecting ',' delimiter\) near "):
+        _check(path)
+    good = tmp_path / "good.json"
+    good.write_text(text)
+    storage = FileStorage(str(good)).step()
+    storage.check()
+    assert storage.count(cheap_only=True) == 5000  # counted by check(): no second pass
+
+
+@pytest.mark.parametrize(("first", "looks"), [
+    ("id,image", "comma-separated values: name it .csv"),
+    ("id\timage", "tab-separated values: name it .tsv"),
+    ('[{"id": "1"},', "a JSON array of rows: name it .json"),
+    ("{", "JSON spread over several lines: JSON Lines has one whole object per line (a JSON"
+          " array of rows goes in a .json file)"),
+    ("<html>", "HTML or XML"),
+])
+def test_a_jsonl_file_that_is_not_json_lines_is_named_for_what_it_looks_like(tmp_path, first,
+                                                                               looks):
+    path = tmp_path / "d.jsonl"
+    path.write_text(f"\n{first}\n" + '{"id": "1"}\n')
+    with pytest.raises(ConfigError) as err:
+        _check(path)
+    assert re.fullmatch(rf"{re.escape(str(path))}:2: the first row is not JSON \([^)]*\); the"
+                        rf" file looks like {re.escape(looks)}", str(err.value)), err.value
+
+
+def test_a_jsonl_file_holding_one_json_array_is_refused(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('[{"id": "1"}, {"id": "2"}]\n')
+    with pytest.raises(ConfigError, match=f"^{path}:1: the first row is a JSON array, not a row;"
+                                          " the file looks like a JSON array of rows: name it"
+                                          r" \.json$"):
+        _check(path)
+
+
+_TABLE_PROBLEMS = [
+    ("d.csv", "", None, "{p} is empty: a CSV file starts with a header row naming its columns"),
+    ("d.tsv", "\n\n", None, "{p} is empty: a TSV file starts with a header row naming its"
+                           " columns"),
+    ("d.csv", "id,id,image\n", None, "{p}:1: the header names the column 'id' twice; give each"
+                                     " column its own name"),
+    ("d.csv", "id,photo\n", "pic", "{p} has no column 'pic' (storage.image_column); its columns:"
+                                   " id, photo"),
+    ("d.csv", "id,image,photo\n", "photo", "{p} has an 'image' column as well as"
+                                           " storage.image_column=photo: rename one of them"),
+    ("d.csv", "id,picture\n1,a.png\n", None, "{p} has no image column (its columns: id,"
+                                              " picture); set storage.image_column to the column"
+                                              " with the image paths or URLs"),
+    ("d.csv", '{"id": "1", "image": "a.png"}\n', None, "{p} has no image column (its columns:"
+     ' {{"id": "1", "image": "a.png"}}); set storage.image_column to the column with the image'
+     " paths or URLs; the file looks like JSON: name it .json (an array) or .jsonl"),
+    ("d.csv", "id\timage\n", None, "{p} has no image column (its columns: id image); set"
+     " storage.image_column to the column with the image paths or URLs; the file looks"
+     " tab-separated: name it .tsv"),
+    ("d.csv", 'id,image\n1,a.png\n2,"b.png\n3,c.png\n', None, "{p}:3: a quoted cell that"
+     " starts on this line is never closed (a missing '\"')"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "column", "message"), _TABLE_PROBLEMS)
+def test_csv_and_tsv_problems_are_found_by_check(tmp_path, name, text, column, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        FileStorage(str(path), image_column=column).step().check()
+    assert str(err.value) == message.format(p=path)
+
+
+def test_a_csv_that_is_not_utf8_is_named_by_line_and_offset(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_bytes(b"id,image\n1,caf\xe9.png\n")
+    with pytest.raises(ConfigError,
+                       match=rf"^{path}:2: not valid UTF-8 \(byte 0xe9 at offset 14\)"):
+        _check(path)
+
+
+def test_image_column_is_for_csv_and_tsv_inputs(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"id": "1"}\n')
+    with pytest.raises(ConfigError, match=r"^storage.image_column=photo names a column of a"
+                                          r" \.csv or \.tsv input, not of .*d.jsonl; for rows"
+                                          r" of JSON, set"
+                                          r" pipeline.steps.caption.input_image_key=photo$"):
+        FileStorage(str(path), image_column="photo").step().check()
+
+
+@pytest.mark.parametrize("name", ["d.parquet", "d.xlsx", "d.txt", "d"])
+def test_inputs_in_unknown_formats_are_refused(tmp_path, name):
+    (tmp_path / name).write_text("id,image\n1,a.png\n")
+    with pytest.raises(ConfigError, match=f"^cannot read input {tmp_path}/{name}: .*; capflow"
+                                          " reads .json, .jsonl, .csv and .tsv files and folders"
+                                          " of images"):
+        _check(tmp_path / name)
+
+
+@pytest.mark.parametrize("name", ["o.parquet", "o.xlsx", "o.txt", "o"])
+def test_outputs_in_unknown_formats_are_refused_when_the_step_is_made(tmp_path, name):
+    with pytest.raises(ConfigError, match=f"^cannot write output {tmp_path}/{name}: .*; capflow"
+                                          " writes .json, .jsonl, .csv and .tsv files"):
+        FileStorage(str(tmp_path / "d.csv")).step(output=str(tmp_path / name))
+
+
+def test_check_of_a_folder_or_a_table_creates_nothing_and_counts_rows(tmp_path):
+    (tmp_path / "photos" / "sub").mkdir(parents=True)
+    (tmp_path / "photos" / "sub" / "a.png").write_bytes(b"")
+    (tmp_path / "d.tsv").write_text("id\tfile\n1\ta.png\n\n2\tb.png\n")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    for data, rows in [(tmp_path / "photos", 1), (tmp_path / "d.tsv", 2)]:
+        storage = FileStorage(str(data), cache_path=str(tmp_path / "cache")).step(
+            output=str(tmp_path / "new" / "out.csv"))
+        storage.check()
+        assert storage.count(cheap_only=True) == rows
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
 
 
 # --- the real command ---------------------------------------------------------------------------

@@ -42,8 +42,9 @@ def test_observer_sees_start_each_row_and_end(server, tmp_path):
                settings=EngineSettings(report=False))
     finally:
         pm.unregister(name="test-observer")
-    # A JSON array is not parsed twice just to count it (rows=None): JSON Lines are counted.
-    assert observer.events[0] == ("start", None, False)
+    # check() reads the JSON array once for its syntax before anything is sent, which counts
+    # its rows: the observer knows the total from the start.
+    assert observer.events[0] == ("start", 4, False)
     assert observer.events[-1] == ("end", 3, 1)
     rows = sorted(e[1:] for e in observer.events if e[0] == "row")
     assert rows == [(0, None), (1, "ImageNotFound"), (2, None), (3, None)]
