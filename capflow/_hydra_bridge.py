@@ -4,12 +4,20 @@ into the ConfigStore, and capflow's resolvers are registered.
 capflow does not rely on Hydra's ``hydra_plugins`` namespace discovery: that applies to every
 Hydra app on the machine and does not see editable installs. This bridge is fed by the
 ``capflow_register_config`` hook instead.
+
+It also adjusts what Hydra shows: its errors about the command line or the config become one
+line each (``report_in_one_line``), and ``--cfg`` shows the config resolved
+(``show_resolved_config``).
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
+from collections.abc import Callable
 from importlib import resources
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.config_store import ConfigStore
@@ -104,3 +112,106 @@ def _own_config() -> tuple[dict[str, set[str]], set[str]]:
         if line[:1].isalpha() and ":" in line:
             keys.add(line.split(":", 1)[0].strip())
     return groups, keys
+
+
+def report_in_one_line(job_started: Callable[[], bool]) -> None:
+    """Hydra's errors about the command line and the config (an unknown key or option, an
+    override it cannot parse) as one line, ``capflow: error: ...``, and exit status 2.
+
+    Hydra prints such an error over several lines, with advice capflow does not follow (add
+    the key with +). Most are caught before Hydra runs (``capflow.mistakes``); these are the
+    ones only composing the config finds, e.g. in a primary config of the user's own. Errors
+    raised once a job runs, and every error with ``HYDRA_FULL_ERROR=1``, are Hydra's to report.
+    """
+    from hydra._internal import utils
+    from hydra.errors import CompactHydraException
+
+    original = utils.run_and_report
+    if getattr(original, "capflow_one_line", False):
+        return
+
+    def run_and_report(func: Callable[[], Any]) -> Any:
+        try:
+            return func()
+        except Exception as exc:
+            if (job_started() or not isinstance(exc, CompactHydraException)
+                    or os.environ.get("HYDRA_FULL_ERROR") == "1"):
+                return original(functools.partial(_raise, exc))
+            from capflow.suggest import hydra_error_line
+
+            print(f"capflow: error: {hydra_error_line(exc)}", file=sys.stderr)
+            sys.exit(2)
+
+    run_and_report.capflow_one_line = True  # type: ignore[attr-defined]
+    utils.run_and_report = run_and_report
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+def show_resolved_config() -> None:
+    """``--cfg`` shows the config with its interpolations resolved, ``--resolve`` or not:
+    ``input: ${capflow.sample:}`` is shown as the sample's path, ``${api_url}`` as its value.
+
+    What cannot be resolved is shown as written rather than failing the whole display, and
+    so are environment lookups (``${oc.env:...}``): a variable may hold a secret, and this
+    output goes to terminals and logs.
+    """
+    from hydra._internal.hydra import Hydra
+
+    original = Hydra.show_cfg
+    if getattr(original, "capflow_resolved", False):
+        return
+
+    def show_cfg(self: Hydra, config_name: str | None, overrides: list[str], cfg_type: str,
+                 package: str | None, resolve: bool = False) -> None:
+        # Hydra's show_cfg resolves with OmegaConf.resolve when asked to: this one, for the
+        # duration of the call, is resolve_what_it_can.
+        real_resolve = OmegaConf.resolve
+        OmegaConf.resolve = resolve_what_it_can  # type: ignore[method-assign]
+        try:
+            original(self, config_name=config_name, overrides=overrides, cfg_type=cfg_type,
+                     package=package, resolve=True)
+        finally:
+            OmegaConf.resolve = real_resolve  # type: ignore[method-assign]
+
+    show_cfg.capflow_resolved = True  # type: ignore[attr-defined]
+    Hydra.show_cfg = show_cfg  # type: ignore[method-assign]
+
+
+def resolve_what_it_can(cfg: Any) -> None:
+    """Resolve the interpolations of a config in place, leaving as written those that fail
+    and those that read the environment."""
+    from omegaconf import flag_override
+    from omegaconf.resolvers import oc
+
+    def refuse(*_: Any) -> Any:
+        raise LookupError("environment variables are not shown")
+
+    OmegaConf.register_new_resolver("oc.env", refuse, replace=True)
+    try:
+        with flag_override(cfg, "readonly", False):
+            _resolve_in_place(cfg)
+    finally:
+        OmegaConf.register_new_resolver("oc.env", oc.env, replace=True)
+
+
+def _resolve_in_place(node: Any) -> None:
+    from omegaconf import Container, DictConfig
+
+    keys = list(node.keys()) if isinstance(node, DictConfig) else list(range(len(node)))
+    for key in keys:
+        if OmegaConf.is_missing(node, key):
+            continue
+        if OmegaConf.is_interpolation(node, key):
+            try:
+                value = node[key]
+            except Exception:  # noqa: BLE001 - whatever it is, the text as written is shown
+                continue
+            if isinstance(value, str) and "${" in value:
+                continue  # an escaped interpolation: assigned back, it would become one
+            node[key] = value
+        child = node[key] if not OmegaConf.is_interpolation(node, key) else None
+        if isinstance(child, Container):
+            _resolve_in_place(child)

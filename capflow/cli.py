@@ -1,12 +1,20 @@
-"""The ``capflow`` command: a Hydra application, plus ``capflow plugins``."""
+"""The ``capflow`` command: a Hydra application, plus ``capflow plugins`` and ``--help``.
+
+Before Hydra runs, the command line is checked for mistakes (``capflow.mistakes``): a misspelt
+key or option is one line naming the closest known ones, and nothing starts.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from capflow.errors import CapflowError
+
+if TYPE_CHECKING:
+    from capflow.plugins import PluginRegistry
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -44,6 +52,14 @@ def main() -> None:
     except CapflowError as exc:
         print(f"capflow: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
+    if "--help" in argv or "-h" in argv:  # capflow's own, built from the YAML: no Hydra
+        sys.exit(_help_command(registry))
+    from capflow import mistakes
+
+    problem = mistakes.check(argv, registry)
+    if problem:
+        print(f"capflow: error: {problem}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
 
     import hydra
 
@@ -51,10 +67,14 @@ def main() -> None:
 
     _hydra_bridge.install(registry)
     _hydra_bridge.skip_mode_probe(argv)
+    started: list[bool] = []
+    _hydra_bridge.report_in_one_line(lambda: bool(started))
+    _hydra_bridge.show_resolved_config()
     statuses: list[int] = []
 
     @hydra.main(config_path="pkg://capflow.conf", config_name="config", version_base=None)
     def job(cfg) -> None:  # noqa: ANN001 - a DictConfig
+        started.append(True)
         statuses.append(_run(cfg))
         if statuses[-1] == EXIT_INTERRUPTED:
             raise KeyboardInterrupt  # Ctrl-C stops a whole sweep, not just its current job
@@ -142,6 +162,17 @@ def _run(cfg) -> int:  # noqa: ANN001 - a DictConfig
         return EXIT_OK if all(s.ok for s in summaries) else EXIT_ROWS_FAILED
     finally:
         run_folder.discard_if_nothing_ran()
+
+
+def _help_command(registry: PluginRegistry) -> int:
+    from capflow.help import render
+
+    try:
+        sys.stdout.write(render(registry))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `capflow --help | head`
+        sys.stderr.close()
+    return EXIT_OK
 
 
 def _plugins_command() -> int:

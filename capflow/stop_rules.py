@@ -15,11 +15,16 @@ from dataclasses import dataclass
 FATAL_KINDS = {
     "AuthenticationError": "check the API key (the variable named by key_name_of_api_key)",
     "PermissionDenied": "check the API key's permissions for this model",
-    "NotFound": "check model_name and api_url",
+    "NotFound": "check model_name (capflow models lists the server's) and api_url",
     "QuotaExceeded": "the account's quota is used up",
     "TLSError": "",
     "Redirected": "",
 }
+# The setting each advice is about. A message that already names it needs no advice after it:
+# the serving said what to change (OpenAIServing: "api_url ... does not end in /v1; did you
+# mean ...?", "the environment variable ... is not set (key_name_of_api_key names it)").
+_ADVICE_ABOUT = {"AuthenticationError": "key_name_of_api_key",
+                 "PermissionDenied": "key_name_of_api_key", "NotFound": "api_url"}
 FATAL_AFTER = 3  # consecutive failures of one fatal kind ...
 FATAL_AT_ONCE = {"QuotaExceeded", "TLSError", "Redirected"}  # ... or one, for these
 
@@ -62,6 +67,8 @@ class StopRules:
         self._streak_kind = kind
         if self._streak >= FATAL_AFTER or kind in FATAL_AT_ONCE:
             advice = FATAL_KINDS[kind]
+            if kind in _ADVICE_ABOUT and _ADVICE_ABOUT[kind] in message:
+                return f"every request fails with {kind}: {message}"
             if kind in FATAL_AT_ONCE:  # the message says what to do
                 return f"{kind}: {message}" + (f": {advice}" if advice else "")
             return f"every request fails with {kind} ({message}): {advice}"

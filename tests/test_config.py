@@ -82,3 +82,39 @@ def test_an_unknown_target_is_a_clear_error(hydra_compose):
     cfg = hydra_compose("serving._target_=capflow_nope.Missing")
     with pytest.raises(ConfigError, match="cannot import _target_ capflow_nope.Missing"):
         build(cfg.serving, Serving, "serving")
+
+
+def _leaf_keys(node, prefix: str = "") -> list[str]:  # noqa: ANN001 - a DictConfig
+    """Dotted paths of every value Hydra lets the command line set (not through an
+    interpolation: ``image_io: ${image}`` is set as image.*)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    keys = []
+    for key in node:
+        path = f"{prefix}{key}"
+        if OmegaConf.is_interpolation(node, key) or not isinstance(node[key], DictConfig):
+            keys.append(path)
+        else:
+            keys += _leaf_keys(node[key], f"{path}.")
+    return keys
+
+
+def test_the_command_line_check_knows_every_key_and_option(hydra_compose):
+    # capflow.mistakes reads the YAML files rather than composing: it must never refuse what
+    # Hydra takes, whatever keys conf/ gains.
+    from capflow.mistakes import check
+
+    registry = get_plugins()[1]
+    cfg = hydra_compose()
+    keys = _leaf_keys(cfg)
+    assert {"max_workers", "serving.temperature", "image.max_side", "pipeline.steps.caption"
+            ".image_io", "prompt.system"} <= set(keys)
+    for key in keys:
+        assert check([f"{key}=1"], registry) is None, key
+        assert check([f"{key[:-1]}=1"], registry) is not None, key  # ... and refuses a typo
+    for group in GROUPS:
+        for option in _options(group):
+            assert check([f"{group}={option}"], registry) is None, (group, option)
+            cfg = hydra_compose(f"{group}={option}")
+            for key in _leaf_keys(cfg[group], f"{group}."):
+                assert check([f"{group}={option}", f"{key}=1"], registry) is None, key

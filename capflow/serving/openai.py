@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -17,6 +18,8 @@ log = logging.getLogger(__name__)
 
 TRANSPORTS = ("auto", "http", "aiohttp", "sdk")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_KEY_REFUSED = ("AuthenticationError", "PermissionDenied")  # 401, 403
+_VERSION = re.compile(r"v\d+\w*")  # a path segment like v1, v1beta, v2
 
 
 class OpenAIServing(Serving):
@@ -24,7 +27,8 @@ class OpenAIServing(Serving):
 
     :param api_url: the API base URL, e.g. ``http://127.0.0.1:8000/v1``.
     :param key_name_of_api_key: the NAME of the environment variable holding the API key. When
-        it is unset, requests go without a key (fine for local servers).
+        it is unset, requests go without a key (fine for local servers); only when the server
+        answers 401 or 403 does an error say that the variable is not set.
     :param model_name: the model; when None, the server's only model (from ``/models``).
     :param max_workers: requests kept in flight.
     :param timeout: seconds one request may take before it is abandoned (and retried).
@@ -88,6 +92,7 @@ class OpenAIServing(Serving):
         self.params = {k: v for k, v in params.items() if v is not None}
         self.extra_body = dict(extra_body or {})
         self._client: Any = None
+        self._no_key: str | None = None  # why no key is sent, when none is
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -107,11 +112,8 @@ class OpenAIServing(Serving):
         if not self.api_url:
             raise ConfigError("serving.api_url is not set (e.g. api_url=http://127.0.0.1:8000/v1)")
         key = os.environ.get(self.key_name_of_api_key) if self.key_name_of_api_key else None
-        if not key:
-            log.info(
-                "environment variable %s is not set: sending requests without an API key",
-                self.key_name_of_api_key,
-            )
+        # No word about a missing key here: local servers need none. A 401 or 403 says it.
+        self._no_key = None if key else _why_no_key(self.key_name_of_api_key, key)
         add_secret(key)
         check_key(key, f"the environment variable {self.key_name_of_api_key}")
         options = TransportOptions(timeout=self.timeout, connections=self.max_workers,
@@ -154,6 +156,14 @@ class OpenAIServing(Serving):
         try:
             models = await self._client.list_models()
         except ServingError as exc:
+            models_url = f"{(self.api_url or '').rstrip('/')}/models"
+            hint = self._hint(exc)
+            if hint and exc.kind == "NotFound":  # the likelier mistake comes first
+                raise ConfigError(f"{hint} ({models_url} answered {exc})") from None
+            if exc.kind in _KEY_REFUSED and self._no_key:
+                reason = str(exc).split(": ", 1)[-1]
+                raise ConfigError(f"the server refused a request without an API key: {reason}:"
+                                  f" {self._no_key}") from None
             if exc.kind == "AuthenticationError":
                 reason = str(exc).split(": ", 1)[-1]
                 raise ConfigError(f"the server refused the API key: {reason}") from None
@@ -178,11 +188,43 @@ class OpenAIServing(Serving):
     async def complete(self, request: Request) -> Response:
         body = {"model": self.model_name, "messages": request.messages, **self.params,
                 **self.extra_body}
-        if self.send_request_stream:
-            return await self._client.chat_stream(body)
-        # The transport reads the answer with _protocol.parse_completion, where the
-        # rate-limit headers are at hand.
-        return await self._client.chat(body)
+        try:
+            if self.send_request_stream:
+                return await self._client.chat_stream(body)
+            # The transport reads the answer with _protocol.parse_completion, where the
+            # rate-limit headers are at hand.
+            return await self._client.chat(body)
+        except ServingError as exc:
+            hint = self._hint(exc)
+            if hint:  # the row's error, and the stop message, say what to change
+                exc.args = (f"{exc}: {hint}",)
+            raise
+
+    def _hint(self, exc: ServingError) -> str | None:
+        """The setting that most likely explains a refusal, when one does: a key variable
+        that is not set (401, 403), an ``api_url`` without its ``/v1`` (404)."""
+        if exc.kind in _KEY_REFUSED:
+            return self._no_key
+        if exc.kind == "NotFound" and self.api_url:
+            return v1_hint(self.api_url)
+        return None
+
+
+def _why_no_key(name: str | None, key: str | None) -> str:
+    if not name:
+        return "no API key is sent: key_name_of_api_key is not set"
+    state = "is empty" if key is not None else "is not set"
+    return f"the environment variable {name} {state} (key_name_of_api_key names it)"
+
+
+def v1_hint(api_url: str) -> str | None:
+    """For an ``api_url`` without a version in its path (``http://127.0.0.1:8000``), the
+    ``/v1`` URL that OpenAI-compatible servers answer on; None when it has one."""
+    parts = urlsplit(api_url)
+    if any(_VERSION.fullmatch(segment) for segment in parts.path.split("/")):
+        return None
+    base = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+    return f"api_url {api_url} does not end in /v1; did you mean {base}/v1?"
 
 
 def endpoint(api_url: str) -> str:
