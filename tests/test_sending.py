@@ -156,6 +156,27 @@ def test_requests_that_hang_at_random_do_not_shrink_the_limit():
     assert summary.limit_lowest == 16
 
 
+def test_many_timeouts_shrink_the_limit_though_latency_looks_as_usual():
+    # A baseline taken while the client itself was slow to start looks like a queue's: what
+    # is left to say the server is full is that a third of the requests time out.
+    limit = AdaptiveLimit(64)
+    limit._warm, limit._slow_start, limit.limit = True, False, 64.0
+
+    async def go() -> None:
+        tickets = [await limit.acquire() for _ in range(40)]
+        sent = time.monotonic()
+        for ticket in tickets[:10]:
+            limit.release(ticket, sent - 0.1, "ok", 10)
+        assert limit.limit == 64
+        for ticket in tickets[10:25]:
+            limit.release(ticket, sent, "timeout")
+        for ticket in tickets[25:]:
+            limit.release(ticket, sent, "none")
+
+    asyncio.run(go())
+    assert limit.limit == 48  # one decrease: the later timeouts were sent before it
+
+
 def test_overload_answers_shrink_the_limit_and_it_grows_back():
     limit = AdaptiveLimit(40)
     limit._warm, limit.limit = True, 40.0

@@ -19,8 +19,8 @@ limit follows the approach of TCP Vegas and Netflix's gradient limiter: latency 
   within, and the limit was in use, it grows by a tenth.
 - An overload answer (503, 529) of a request sent since the last decrease shrinks the limit by
   a quarter at once (those sent before it were judged already), and so does a timeout while
-  latency is raised: timeouts among answers as fast as ever are requests that hung, not a
-  server that is full.
+  latency is raised, or while a third of the latest requests timed out: a few timeouts among
+  answers as fast as ever are requests that hung, not a server that is full.
 - While latency stays raised, the baseline is probed every ``PROBE_EVERY`` seconds: one group at
   a quarter of the limit shows what an emptier server answers in.
 """
@@ -37,6 +37,7 @@ OPEN_TIMEOUT = 30.0  # ... when requests may take this long
 TOLERANCE = 2.0  # latency may reach this multiple of the baseline before the limit shrinks
 SHRINK_ON_DROP = 0.75
 RAISED = 1.3  # latency above this multiple of the baseline: the server is queueing
+TIMEOUT_SHARE = 0.3  # this share of the latest requests timing out: the server is full
 PROBE_EVERY = 30.0
 _TOKENS_OFFSET = 50  # a request's fixed cost (prompt, images), in completion-token units
 # Latencies below this are the client's own scheduling as much as the server's: a fast server
@@ -75,6 +76,7 @@ class AdaptiveLimit:
         self._raised_since: float | None = None  # latency above baseline since then
         self._probing: float | None = None  # the limit to go back to after a probe
         self._ratio = 1.0  # the last group's median latency over the baseline
+        self._recent: deque[bool] = deque(maxlen=30)  # the latest outcomes: timed out?
 
     def _can_start(self) -> bool:
         return self.in_flight < max(1, int(self.limit))
@@ -123,13 +125,22 @@ class AdaptiveLimit:
         if self.adaptive and outcome != "none":
             self._answered = True
             now = time.monotonic()
+            if outcome in ("ok", "timeout"):
+                self._recent.append(outcome == "timeout")
             if outcome == "ok":
                 latency = max(now - sent, _LATENCY_FLOOR)
                 self._answer(ticket, latency / (tokens + _TOKENS_OFFSET), now)
-            elif (outcome == "overload" or outcome == "timeout" and self._ratio > RAISED) and (
+            elif (outcome == "overload" or outcome == "timeout" and self._overloaded()) and (
                     sent >= self._last_decrease):
                 self._decrease(self.limit * SHRINK_ON_DROP, now)
         self._wake()
+
+    def _overloaded(self) -> bool:
+        """Whether timeouts say the server is full: latency is raised, or a good part of the
+        latest requests timed out (when the baseline itself was taken while it queued)."""
+        recent = self._recent
+        return self._ratio > RAISED or (
+            len(recent) >= 10 and sum(recent) >= TIMEOUT_SHARE * len(recent))
 
     def _answer(self, ticket: int, latency: float, now: float) -> None:
         self._base_group.append(latency)
