@@ -11,6 +11,7 @@ from benchmarks.llama import llama_images, llama_slots
 from benchmarks.prepare import prepare, prepare_live
 from benchmarks.report import ScenarioResult
 from benchmarks.resilience import faults, kill, rerun, rpm
+from benchmarks.sweep_prepare import sweep_prepare
 from benchmarks.throughput import reference_alone, throughput
 
 Scenario = Callable[[Context], ScenarioResult]
@@ -32,6 +33,7 @@ SCENARIOS: dict[str, Scenario] = {
     "reference": reference_alone,
     "prepare": prepare,
     "prepare-live": prepare_live,
+    "sweep-prepare": sweep_prepare,
 }
 
 DESCRIPTIONS = {
@@ -51,4 +53,5 @@ DESCRIPTIONS = {
     "reference": "the plain ThreadPoolExecutor + openai client alone (throughput-256 load)",
     "prepare": "dry run over 200 4000x3000 JPEGs vs bare Pillow decode; bytes to send",
     "prepare-live": "the 200 JPEGs captioned at 2 s latency: requests in flight hold steady",
+    "sweep-prepare": "the 200 JPEGs, one job vs a 3-prompt sweep: each photo prepared once",
 }

@@ -52,6 +52,10 @@ def install(registry: PluginRegistry) -> None:
         store.store(group=group, name=name, node=node, provider="capflow-plugin")
     if not OmegaConf.has_resolver("capflow.sample"):
         OmegaConf.register_new_resolver("capflow.sample", sample_dataset)
+    if not OmegaConf.has_resolver("capflow.job_dir"):
+        from capflow.sweep import job_dir_name
+
+        OmegaConf.register_new_resolver("capflow.job_dir", job_dir_name)
 
 
 # Options that can bring in a primary config other than capflow's, which might set hydra.mode.

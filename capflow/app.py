@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from capflow import sweep
 from capflow.engine import EngineSettings
 from capflow.errors import ConfigError
 from capflow.manifest import RunContext
@@ -69,9 +72,12 @@ def run_context(cfg: DictConfig) -> RunContext:
     pm = get_plugin_manager()
     plugins = [{"name": pm.get_name(plugin) or "", "package": dist.project_name,
                 "version": dist.version} for plugin, dist in pm.list_plugin_distinfo()]
-    command = ["capflow", *(redact(arg) for arg in sys.argv[1:])]
+    from capflow import option_files
+
+    typed = option_files.typed_argv or sys.argv[1:]
+    command = ["capflow", *(redact(arg) for arg in typed)]
     return RunContext(command=command, config=config if isinstance(config, dict) else {},
-                      plugins=plugins)
+                      plugins=plugins, sweep=sweep.context())
 
 
 def run_job(cfg: DictConfig) -> list[RunSummary]:
@@ -116,11 +122,17 @@ def run_job(cfg: DictConfig) -> list[RunSummary]:
         share_endpoints=bool(cfg.cache.share_endpoints),
         run_context=run_context(cfg),
     )
+    names = list(steps_cfg)
+    views = [storage.step(output=output if n == len(operators) - 1 else None)
+             for n in range(len(operators))]
+    outputs = [os.path.abspath(view.output_name) for view in views]
+    context = settings.run_context or RunContext()
     summaries = []
-    for n, op in enumerate(operators):
-        last = n == len(operators) - 1
-        summaries.append(op.run(storage.step(output=output if last else None), dry_run=dry_run,
-                                settings=settings))
+    for n, (op, view) in enumerate(zip(operators, views, strict=True)):
+        step = {"number": n + 1, "of": len(operators), "name": names[n], "outputs": outputs}
+        step_settings = dataclasses.replace(
+            settings, run_context=dataclasses.replace(context, step=step))
+        summaries.append(op.run(view, dry_run=dry_run, settings=step_settings))
         if dry_run:
             break  # later steps read rows that a dry run does not write
     if why_dry:

@@ -33,7 +33,10 @@ CREATE TABLE IF NOT EXISTS responses (
 
 def request_key(request: Request, serving: dict[str, Any]) -> str:
     """The cache key of ``request`` sent to a serving described by ``serving``."""
-    blob = json.dumps([request.messages, serving], sort_keys=True, separators=(",", ":"))
+    what: list[Any] = [request.messages, serving]
+    if request.body:  # only then: the keys of answers cached before stay as they were
+        what.append(request.body)
+    blob = json.dumps(what, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -45,6 +45,9 @@ def main() -> None:
         from capflow.models_command import main as models
 
         sys.exit(models(argv[1:]))
+    if argv[:1] == ["compare"]:
+        from capflow.compare_command import main as compare
+        sys.exit(compare(argv[1:]))
     try:
         from capflow.plugins import get_plugins
 
@@ -54,8 +57,14 @@ def main() -> None:
         sys.exit(EXIT_ERROR)
     if "--help" in argv or "-h" in argv:  # capflow's own, built from the YAML: no Hydra
         sys.exit(_help_command(registry))
-    from capflow import mistakes
+    from capflow import mistakes, option_files
 
+    try:
+        argv = option_files.adopt(argv, list(mistakes.overrides(argv)), registry)
+    except CapflowError as exc:
+        print(f"capflow: error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+    sys.argv[1:] = argv  # Hydra reads the options by the names given to the files
     problem = mistakes.check(argv, registry)
     if problem:
         print(f"capflow: error: {problem}", file=sys.stderr)
@@ -63,7 +72,10 @@ def main() -> None:
 
     import hydra
 
-    from capflow import _hydra_bridge
+    from capflow import _hydra_bridge, sweep
+
+    if "-m" in argv or "--multirun" in argv:
+        sweep.remember_swept_keys(mistakes.overrides(argv))
 
     _hydra_bridge.install(registry)
     _hydra_bridge.skip_mode_probe(argv)

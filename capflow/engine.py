@@ -157,6 +157,8 @@ class _Step:
         self.failed_types: Counter[str] = Counter()  # this run's failed rows by error type
         self.output_failures: dict[str, int] = {}  # the output's, from the journal
         self.active = asyncio.Semaphore(1)  # rows in progress, sized in produce()
+        self.began = time.perf_counter()
+        self.output_spent: dict[str, float] = {}  # what building the output cost, all runs
 
     def fingerprint(self) -> str:
         what = [self.storage.input_identity(), self.op.describe(), self.serving_key]
@@ -174,7 +176,7 @@ class _Step:
             await asyncio.wait_for(self.stopping.wait(), seconds)
 
     async def run(self) -> RunSummary:
-        began = time.perf_counter()
+        began = self.began = time.perf_counter()
         # Before anything is sent (the serving's start may ask the server for its model):
         # the input and output are checked, and the output is this run's alone.
         self.storage.check()
@@ -248,6 +250,14 @@ class _Step:
                 self.cache.close()
         if self.journal is not None:
             summary.output_ok, summary.output_failed = self.journal.counts()
+            with contextlib.suppress(sqlite3.Error):  # a figure for the record, not a row
+                self.output_spent = self.journal.add_spent({
+                    "requests": summary.requests,
+                    "prompt_tokens": summary.prompt_tokens,
+                    "completion_tokens": summary.completion_tokens,
+                    "cost": self.rules.cost(summary.prompt_tokens, summary.completion_tokens),
+                    "elapsed_s": time.perf_counter() - self.began,
+                })
             try:
                 self.output_failures = manifest.failed_by_type(self.journal.failed_lines())
                 self.storage.write(_JournalLines(self.journal))
@@ -340,7 +350,7 @@ class _Step:
                         self.spawn(self.prepare_batch(prep, batch))
                         batch = []
                     await self.active.acquire()
-                    if row.error:  # nothing to prepare
+                    if row.error or ERROR_KEY in row.data:  # nothing to prepare
                         self.spawn(self.process(row, None), row=True)
                         continue
                     batch.append(row)
@@ -377,6 +387,14 @@ class _Step:
         try:
             if row.error:
                 raise RowError("BadRow", row.error)
+            if ERROR_KEY in row.data:
+                # Failed in an earlier step: it stays failed, with that step's error record.
+                earlier = row.data[ERROR_KEY]
+                if not (isinstance(earlier, dict) and {"type", "message"} <= earlier.keys()):
+                    earlier = {"type": "EarlierError", "message": str(earlier)[:300],
+                               "stage": "input"}
+                self.finish(row, error=earlier)
+                return
             if isinstance(prepared, Exception):
                 raise prepared
             assert prepared is not None
@@ -397,15 +415,34 @@ class _Step:
                 summary.requests += response is None
                 self.finish(row, fields={})
                 return
-            if response is None:
-                response = await self.settings.retry.call(
-                    functools.partial(self.sender.send, row=row.index), request, self.count_retry,
-                    self.pause,
-                )
-                if key:
+            reasks = 0
+            while True:
+                fresh = response is None
+                if response is None:
+                    response = await self.settings.retry.call(
+                        functools.partial(self.sender.send, row=row.index), request,
+                        self.count_retry, self.pause,
+                    )
+                try:
+                    check_answer(response, self.settings.accept_truncated)
+                    fields = self.op.apply(row, response)
+                except RowError as exc:
+                    if key and fresh and exc.kind == "Truncated":
+                        self.cache_answer(key, response)
+                    follow = self.op.reask(request, response, exc, reasks)
+                    if follow is None:
+                        raise
+                    # Asked again with the reason: a retry of the row, with its own cache key.
+                    reasks += 1
+                    self.count_retry(None)
+                    request = follow
+                    key = request_key(request, self.serving_key) if self.cache else None
+                    response = self.cache.get(key) if key else None
+                    continue
+                # Only an answer the operator took is kept: one it refused is asked anew.
+                if key and fresh:
                     self.cache_answer(key, response)
-            check_answer(response, self.settings.accept_truncated)
-            fields = self.op.apply(row, response)
+                break
         except Stopped:
             return
         except RowError as exc:
@@ -436,7 +473,7 @@ class _Step:
         assert self.cache is not None
         self.cache.put(key, response)
 
-    def count_retry(self, exc: ServingError) -> None:
+    def count_retry(self, exc: ServingError | None) -> None:
         self.summary.retries += 1
         if self.summary.stopped:
             raise Stopped
@@ -498,7 +535,7 @@ class _Step:
             self.summary, self.settings.run_context, input_name=self.storage.input_name,
             started=self.started_at, ended=datetime.datetime.now().astimezone(),
             this_run_failures=dict(self.failed_types.most_common()),
-            output_failures=self.output_failures,
+            output_failures=self.output_failures, output_spent=self.output_spent,
         )
         path = manifest.manifest_path(self.journal.path)
         outputs_written.append(self.storage.output_name)

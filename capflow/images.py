@@ -6,7 +6,8 @@ larger than ``image.max_file_bytes`` or an absurdly large image fails its row he
 request is spent. Large photos are downscaled (JPEGs are decoded at a reduced DCT scale when
 that is enough, which costs a fraction of a full decode), turned upright from their EXIF
 orientation and re-encoded; images already within the budget and in a format every API
-accepts are sent as they are.
+accepts are sent as they are. With a cache (``image.cache``), a local file is prepared once for
+all the jobs of a sweep and all later runs; its checks still run every time.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import json
 import math
 import os
 import re
@@ -25,6 +27,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from capflow.errors import ConfigError, RowError
+from capflow.image_cache import EncodedImage, PreparedImageCache, image_key
 from capflow.jpeg_shrink import JpegError, shrink_jpeg
 
 # What every OpenAI-compatible vision API accepts as it is.
@@ -59,6 +62,11 @@ _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 _OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
                | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
                | getattr(os, "O_BINARY", 0))
+# Settings that decide only whether a file may be read, checked before the cache is asked: the
+# same file prepared under other values of these comes out the same.
+_CHECKS_ONLY = ("image_root", "fetch_urls", "fetch_timeout", "fetch_max_bytes", "max_file_bytes")
+# Part of every cache key: raise it when preparation changes what it makes of a file.
+_PREPARATION_VERSION = 1
 _FILE_KINDS = (
     (stat.S_ISDIR, "a folder"),
     (stat.S_ISFIFO, "a FIFO"),
@@ -108,6 +116,14 @@ class ImagePreparer:
     :param max_source_pixels: refuse images larger than this (decompression bombs).
     :param max_file_bytes: largest image file (and ``data:`` URI, decoded) accepted, decided
         before it is read (None: no bound).
+    :param cache: keep prepared local files in the cache at ``cache_path``, so that the jobs of
+        a sweep (and later runs) prepare each file once. Only the decoding, resizing and
+        encoding are saved: every check above still runs on each use. URLs and ``data:`` URIs
+        are not cached. A cache that cannot be used logs a warning and is done without.
+    :param cache_path: the cache's SQLite file (None: no cache).
+    :param cache_max_bytes: the cache's size bound; the least recently used images go first.
+
+    The cache settings change nothing that is sent, so ``describe()`` leaves them out.
     """
 
     def __init__(
@@ -125,6 +141,9 @@ class ImagePreparer:
         fetch_max_bytes: int = 20_000_000,
         max_source_pixels: int = 64_000_000,
         max_file_bytes: int | None = 64_000_000,
+        cache: bool = True,
+        cache_path: str | None = None,
+        cache_max_bytes: int = 2_000_000_000,
     ) -> None:
         if format not in _ENCODERS:
             raise ConfigError(f"image.format must be one of {sorted(_ENCODERS)}, not {format!r}")
@@ -147,10 +166,23 @@ class ImagePreparer:
         if max_file_bytes is not None and int(max_file_bytes) < 0:
             raise ConfigError(f"image.max_file_bytes must be >= 0 or null, not {max_file_bytes}")
         self.max_file_bytes = None if max_file_bytes is None else int(max_file_bytes)
+        if int(cache_max_bytes) <= 0:
+            raise ConfigError(f"image.cache_max_bytes must be > 0, not {cache_max_bytes}")
+        # Private attributes stay out of describe(): switching the cache on or off, or moving
+        # it, must not make a resumed run start over.
+        self._cache = (PreparedImageCache(str(cache_path), int(cache_max_bytes))
+                       if cache and cache_path else None)
+        settings = {k: v for k, v in self.describe().items() if k not in _CHECKS_ONLY}
+        self._cache_settings = json.dumps([_PREPARATION_VERSION, settings], sort_keys=True)
+
+    @property
+    def image_cache(self) -> PreparedImageCache | None:
+        """The prepared-image cache (None when there is none)."""
+        return self._cache
 
     def describe(self) -> dict[str, Any]:
         """Settings that change what is sent (part of the journal's fingerprint)."""
-        return {k: str(v) for k, v in vars(self).items()}
+        return {k: str(v) for k, v in vars(self).items() if not k.startswith("_")}
 
     def prepare(self, ref: object, base_dir: Path) -> PreparedImage:
         """Check and prepare one image; raises ``RowError`` when it cannot be used."""
@@ -159,18 +191,21 @@ class ImagePreparer:
         if ref.startswith(("http://", "https://")):
             if not self.fetch_urls:
                 return PreparedImage(url=ref, size=0)
-            return self._from_bytes(self._fetch(ref), ref)
+            return _prepared(self._from_bytes(self._fetch(ref), ref))
         if ref.startswith("data:"):
-            return self._from_bytes(_decode_data_uri(ref, self.max_file_bytes), "data URI")
+            data = _decode_data_uri(ref, self.max_file_bytes)
+            return _prepared(self._from_bytes(data, "data URI"))
         scheme = _SCHEME.match(ref)
         if scheme and len(scheme.group(1)) > 1:  # one letter is a Windows drive
             raise RowError("UnsupportedScheme", f"unsupported image URL scheme: {ref[:60]}")
-        return self._from_bytes(self._read(ref, base_dir), ref)
+        return self._from_file(ref, base_dir)
 
-    def _read(self, ref: str, base_dir: Path) -> bytes:
+    def _from_file(self, ref: str, base_dir: Path) -> PreparedImage:
+        """Check, then prepare (or find in the cache) the image file ``ref``."""
         # Plain string paths and os calls: this runs once per image, and pathlib or a Python
         # file object (an ioctl, two more fstats, an lseek, a read to find the end) costs more
-        # than the read. A file costs one lstat, one open, one fstat and one read.
+        # than the read. A file costs one lstat, one open, one fstat and one read (a cached
+        # one no read, unless it is sent as it is).
         root = str(self.image_root) if self.image_root else _real_folder(str(base_dir))
         # Absolute refs stay as given; normpath folds "..", so the last part is a real name.
         path = os.path.normpath(os.path.join(str(base_dir), os.path.expanduser(ref)))
@@ -201,13 +236,26 @@ class ImagePreparer:
             fd = os.open(resolved, _OPEN_FLAGS)
         except (OSError, ValueError) as exc:
             raise _read_error(exc, ref, path) from None
+        cache, key, hit = self._cache, b"", None
         try:
-            size = self._check_file(os.fstat(fd), path)
-            return _read_fd(fd, size, self.max_file_bytes, path)
+            info = os.fstat(fd)
+            size = self._check_file(info, path)  # what counts: checked before any cache hit
+            if cache is not None:
+                key = image_key(resolved, info, self._cache_settings)
+                hit = cache.get(key)
+                if hit is not None and not hit.as_is:
+                    return _prepared(hit)
+            data = _read_fd(fd, size, self.max_file_bytes, path)
         except OSError as exc:
             raise _read_error(exc, ref, path) from None
         finally:
             os.close(fd)
+        if hit is not None and len(data) == hit.source_size:  # sent as it is: already decoded
+            return _prepared(hit._replace(data=data))
+        image = self._from_bytes(data, ref)
+        if cache is not None:
+            cache.put(key, image)
+        return _prepared(image)
 
     def _check_file(self, info: os.stat_result, path: str) -> int:
         """The size of a regular file within ``max_file_bytes``; anything else is refused."""
@@ -251,7 +299,7 @@ class ImagePreparer:
             scale = min(scale, math.sqrt(self.max_pixels / (width * height)))
         return max(1, int(width * scale)), max(1, int(height * scale))
 
-    def _from_bytes(self, data: bytes, where: str) -> PreparedImage:
+    def _from_bytes(self, data: bytes, where: str) -> EncodedImage:
         if not data:
             raise RowError("ImageUnreadable", f"image file is empty: {where}")
         try:
@@ -264,7 +312,7 @@ class ImagePreparer:
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise RowError("ImageUnreadable", f"broken image {where}: {exc}") from None
 
-    def _prepare_open(self, img: Image.Image, data: bytes, where: str) -> PreparedImage:
+    def _prepare_open(self, img: Image.Image, data: bytes, where: str) -> EncodedImage:
         width, height = img.size
         if width * height > self.max_source_pixels:
             raise RowError(
@@ -278,7 +326,7 @@ class ImagePreparer:
         accepted = _ACCEPTED.get(source_format)
         if accepted and target == (width, height) and orientation == 1:
             img.load()  # a full decode: catches truncated and corrupt files
-            return _prepared(data, accepted, width, height, len(data))
+            return EncodedImage(data, accepted, width, height, len(data), as_is=True)
         if not self.prepare_images:
             img.load()
             return _encode(_web_mode(img, "PNG"), "PNG", "image/png", 0, len(data))
@@ -291,7 +339,7 @@ class ImagePreparer:
                 # short or unreadable, decides below
             else:
                 w, h = (target[1], target[0]) if orientation in (5, 6, 7, 8) else target
-                return _prepared(out, "image/jpeg", w, h, len(data))
+                return EncodedImage(out, "image/jpeg", w, h, len(data))
         if source_format == "JPEG" and target[0] * 2 <= width:
             img.draft("RGB" if img.mode not in ("L", "CMYK") else img.mode, target)
         img.load()
@@ -361,16 +409,17 @@ def _web_mode(img: Image.Image, pil_format: str) -> Image.Image:
 
 
 def _encode(img: Image.Image, pil_format: str, mime: str, quality: int, source: int
-            ) -> PreparedImage:
+            ) -> EncodedImage:
     buf = io.BytesIO()
     options: dict[str, Any] = {"quality": quality} if pil_format in ("JPEG", "WEBP") else {}
     img.save(buf, pil_format, **options)
-    return _prepared(buf.getvalue(), mime, img.width, img.height, source)
+    return EncodedImage(buf.getvalue(), mime, img.width, img.height, source)
 
 
-def _prepared(data: bytes, mime: str, width: int, height: int, source: int) -> PreparedImage:
-    encoded = base64.b64encode(data).decode("ascii")
-    return PreparedImage(f"data:{mime};base64,{encoded}", len(data), width, height, source)
+def _prepared(image: EncodedImage) -> PreparedImage:
+    encoded = base64.b64encode(image.data).decode("ascii")
+    return PreparedImage(f"data:{image.mime};base64,{encoded}", len(image.data), image.width,
+                         image.height, image.source_size)
 
 
 def estimate_image_tokens(width: int | None, height: int | None, detail: str | None) -> int:

@@ -29,11 +29,17 @@ class RunContext:
     :param command: the command line, as typed.
     :param config: the resolved config (no secrets: keys live in the environment).
     :param plugins: ``{"name", "package", "version"}`` of each plugin loaded.
+    :param sweep: in a sweep, ``{"dir": the sweep folder, "job": the job's number,
+        "overrides": the swept keys and this job's values}``.
+    :param step: the step of the pipeline that wrote this output: ``{"number": 1-based,
+        "of": how many, "name": its name in the pipeline, "outputs": every step's output}``.
     """
 
     command: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     plugins: list[dict[str, str]] = field(default_factory=list)
+    sweep: dict[str, Any] | None = None
+    step: dict[str, Any] | None = None
 
 
 def manifest_path(journal: Path) -> Path:
@@ -56,7 +62,8 @@ def failed_by_type(lines: Iterable[str]) -> dict[str, int]:
 
 def build(summary: RunSummary, context: RunContext | None, *, input_name: str,
           started: datetime.datetime, ended: datetime.datetime,
-          this_run_failures: dict[str, int], output_failures: dict[str, int]) -> dict[str, Any]:
+          this_run_failures: dict[str, int], output_failures: dict[str, int],
+          output_spent: dict[str, float] | None = None) -> dict[str, Any]:
     """The manifest as a JSON-ready dict."""
     from capflow import __version__
 
@@ -84,8 +91,21 @@ def build(summary: RunSummary, context: RunContext | None, *, input_name: str,
         },
         "output_rows": {"captioned": s.output_ok, "failed": s.output_failed,
                         "failed_by_type": output_failures},
+        # What every run that wrote the output's rows spent together (a rerun that finds every
+        # row done adds nothing but its seconds); it starts afresh when the settings change.
+        "output_spent": _spent(output_spent or {}),
+        "sweep": context.sweep,
+        "step": context.step,
         "config": context.config,
     }
+
+
+def _spent(spent: dict[str, float]) -> dict[str, Any]:
+    figures: dict[str, Any] = {name: int(spent.get(name, 0)) for name in
+                               ("requests", "prompt_tokens", "completion_tokens")}
+    figures["cost"] = round(spent.get("cost", 0.0), 6)
+    figures["elapsed_s"] = round(spent.get("elapsed_s", 0.0), 3)
+    return figures
 
 
 def dumps(manifest: dict[str, Any]) -> str:

@@ -16,6 +16,8 @@ class Request:
     :param image_count: how many images the request carries.
     :param estimated_tokens: prompt tokens expected (for rate limits), before the answer.
     :param image_tokens: the part of ``estimated_tokens`` that the images cost.
+    :param body: more request-body fields the operator asks for (``response_format``, say);
+        a serving sends them with the messages, and the serving's ``extra_body`` wins.
     """
 
     messages: list[dict[str, Any]]
@@ -23,6 +25,7 @@ class Request:
     image_count: int = 0
     estimated_tokens: int = 0
     image_tokens: int = 0
+    body: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -63,6 +63,8 @@ class RunSummary:
     rate_limited: int = 0  # 429 answers
     learned_rate: float | None = None  # requests per second learned from 429s, if any
     outages: int = 0  # times the circuit breaker stopped the sending
+    dropped: int = 0  # rows a filter step left out of its output ...
+    dropped_output: str = ""  # ... and the file they went to
 
     @property
     def ok(self) -> bool:

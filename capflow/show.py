@@ -47,6 +47,8 @@ class Entry:
     :param caption: the answer under the caption key, or None.
     :param error: ``(type, message)`` of the row's error record, or None.
     :param images: the row's image references, as written in the row.
+    :param answer: the answer under the caption key as the row holds it (a string, or an
+        operator's JSON value), or None.
     """
 
     index: int
@@ -54,6 +56,7 @@ class Entry:
     caption: str | None
     error: tuple[str, str] | None
     images: tuple[object, ...]
+    answer: object = None
 
 
 @dataclass
@@ -190,6 +193,7 @@ def _entry(index: int, value: dict[str, Any] | _Unreadable, key: str, image_key:
         caption=caption,
         error=error,
         images=tuple(images) if isinstance(images, list) else (),
+        answer=value.get(key),
     )
 
 
@@ -361,14 +365,14 @@ def main(argv: list[str]) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     path = Path(args.output)
-    _check_readable(path)
+    check_readable(path)
     html = Path(args.html) if args.html else None
     if html is not None:
         _check_writable(html, path)
     manifest, manifest_problem = manifest_of(path)
 
     def entries() -> Iterator[Entry]:
-        return _reading(path, iter_entries(path, args.key, args.image_key))
+        return reading(path, iter_entries(path, args.key, args.image_key))
 
     counts = count(entries())
     lines = _counts_lines(path, counts, args.key)
@@ -416,7 +420,7 @@ def _gallery(html: Path, stream: Iterator[Entry], lines: list[str], counts: Coun
         raise ShowError(f"cannot write {html}: {exc.strerror or exc}") from None
 
 
-def _reading(path: Path, entries: Iterator[Entry]) -> Iterator[Entry]:
+def reading(path: Path, entries: Iterator[Entry]) -> Iterator[Entry]:
     """``entries``, with a file that cannot be read turned into one line."""
     try:
         yield from entries
@@ -435,7 +439,8 @@ def _sampling(entries: Iterator[Entry], sampler: Sampler) -> Iterator[Entry]:
         yield entry
 
 
-def _check_readable(path: Path) -> None:
+def check_readable(path: Path) -> None:
+    """Raise ``ShowError`` with one line unless ``path`` is an output file that can be read."""
     if not path.exists():
         raise ShowError(f"no such file: {path}")
     if path.is_dir():

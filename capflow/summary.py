@@ -33,6 +33,13 @@ def format_summary(s: RunSummary) -> str:
         if s.example:
             lines.append("  first row's request:")
             lines += [f"    {line}" for line in _describe_messages(s.example)]
+    elif s.dropped_output:  # a filter step: it sends nothing
+        lines += [
+            f"  rows      {s.rows}{of_total}: {s.done} kept, {s.dropped} dropped,"
+            f" {s.failed} failed in an earlier step",
+            f"  output    {s.output}",
+            f"  dropped   {_plural(s.dropped, 'row')}: {s.dropped_output}",
+        ]
     else:
         unfinished = s.rows - s.done - s.failed - s.skipped
         if s.total is not None:

@@ -193,7 +193,7 @@ def test_dry_run_needs_no_key_and_sends_nothing(server, tmp_path):
 def test_help_lists_groups_and_options(tmp_path):
     result = run_capflow("--help", cwd=tmp_path)
     assert result.returncode == 0
-    assert "prompt: alt_text, concise, detailed, seed" in result.stdout
+    assert "prompt: alt_text, concise, detailed, ocr, seed, structured, tags" in result.stdout
     assert "serving: openai" in result.stdout and "storage: file" in result.stdout
 
 
@@ -263,4 +263,4 @@ def test_a_sweep_with_a_fixed_folder_resumes(server, tmp_path):
     again = run_capflow(*args, cwd=tmp_path)
     assert again.returncode == 0 and again.stdout.count("4 skipped (already done)") == 2
     assert len(server.requests) == 8
-    assert len(read_rows(tmp_path / "sweeps" / "s" / "1" / "out.jsonl")) == 4
+    assert len(read_rows(tmp_path / "sweeps" / "s" / "prompt=detailed" / "out.jsonl")) == 4

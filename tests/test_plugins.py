@@ -271,7 +271,7 @@ def test_disable_all_switches_off_every_third_party_plugin_but_no_builtin(on_pat
         DEFAULT_PLUGINS
     )
     assert {kind: sorted(known) for kind, known in registry.components.items()} == {
-        "storage": ["file"], "serving": ["openai"], "operator": ["prompted_vqa"],
+        "storage": ["file"], "serving": ["openai"], "operator": ["prompted_vqa", "row_filter"],
     }
     assert set(registry.options.values()) == {"capflow"}
     assert not [m for m in FIXTURE_MODULES if m in sys.modules]
@@ -298,7 +298,7 @@ def test_capflow_plugins_lists_builtins_and_what_they_provide(tmp_path):
     blocks = listing(result.stdout)
     assert blocks.pop("capflow.storage.plugin (built-in)") == ["storage file"]
     assert blocks.pop("capflow.serving.plugin (built-in)") == ["serving openai"]
-    assert blocks.pop("capflow.operators.plugin (built-in)") == ["operator prompted_vqa"]
+    assert blocks.pop("capflow.operators.plugin (built-in)") == ["operator prompted_vqa", "operator row_filter"]
     builtin_config = blocks.pop("capflow config (built-in)")
     assert {"serving=openai", "storage=file", "pipeline=caption", "prompt=seed",
             "prompt=concise", "prompt=detailed", "prompt=alt_text"} <= set(builtin_config)

@@ -2,5 +2,6 @@
 
 from capflow.operators.base import Operator
 from capflow.operators.prompted_vqa import PromptedVQAGenerator
+from capflow.operators.row_filter import RowFilter
 
-__all__ = ["Operator", "PromptedVQAGenerator"]
+__all__ = ["Operator", "PromptedVQAGenerator", "RowFilter"]

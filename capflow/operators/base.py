@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from capflow.errors import RowError
 from capflow.request import Request, Response
 from capflow.rows import Row
 
@@ -29,7 +30,27 @@ class Operator(ABC):
 
     @abstractmethod
     def apply(self, row: Row, response: Response) -> dict[str, Any]:
-        """The output fields to add to ``row`` for ``response``."""
+        """The output fields to add to ``row`` for ``response``. Raise
+        ``capflow.errors.RowError`` for an answer that cannot stand (``reask`` may then ask
+        again); runs on the event loop, so keep it quick."""
+
+    def reask(self, request: Request, response: Response, error: RowError,
+              attempt: int) -> Request | None:
+        """The request that asks again when ``apply`` refused ``response`` with ``error`` (an
+        answer that does not match the output schema, say), or None to let the row fail.
+        ``attempt`` counts the times this row was asked again so far. The default never asks
+        again.
+
+        Example: ask once more, telling the model what was wrong::
+
+            def reask(self, request, response, error, attempt):
+                if attempt >= 1:
+                    return None
+                turns = [{"role": "assistant", "content": response.text},
+                         {"role": "user", "content": f"{error}. Please answer again."}]
+                return Request([*request.messages, *turns], body=request.body)
+        """
+        return None
 
     def describe(self) -> dict[str, Any]:
         """Settings that change the output; a change starts the step's journal afresh."""

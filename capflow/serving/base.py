@@ -33,8 +33,10 @@ class Serving(ABC):
     async def complete(self, request: Request) -> Response:
         """Send one request and return its response.
 
-        Raise ``capflow.errors.ServingError`` on failure, with ``transient=True`` for failures
-        worth retrying (rate limits, server errors, timeouts, dropped connections).
+        Send ``request.body``'s fields (``response_format`` for a structured answer, say) with
+        ``request.messages``. Raise ``capflow.errors.ServingError`` on failure, with
+        ``transient=True`` for failures worth retrying (rate limits, server errors, timeouts,
+        dropped connections).
         """
 
     async def close(self) -> None:

@@ -187,7 +187,7 @@ class OpenAIServing(Serving):
 
     async def complete(self, request: Request) -> Response:
         body = {"model": self.model_name, "messages": request.messages, **self.params,
-                **self.extra_body}
+                **request.body, **self.extra_body}
         try:
             if self.send_request_stream:
                 return await self._client.chat_stream(body)

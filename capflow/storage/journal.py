@@ -68,6 +68,7 @@ class RunJournal:
                          " before)", self.path, stale)
             self._db.execute("BEGIN")
             self._db.execute("DELETE FROM rows")
+            self._db.execute("DELETE FROM meta WHERE key LIKE 'spent.%'")
             self._db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('fingerprint', ?)", (fingerprint,)
             )
@@ -107,6 +108,28 @@ class RunJournal:
     def lines(self) -> Iterator[str]:
         """Every finished row's JSON text, in input order."""
         yield from (line for (line,) in self._db.execute("SELECT line FROM rows ORDER BY idx"))
+
+    def add_spent(self, spent: dict[str, float]) -> dict[str, float]:
+        """Add one run's spending (tokens, cost, seconds, requests) to what building this output
+        has cost so far, and return the new totals. They start afresh with the rows."""
+        totals = self.spent()
+        for name, value in spent.items():
+            totals[name] = totals.get(name, 0) + value
+        self._db.execute("BEGIN")
+        self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                             [(f"spent.{k}", repr(v)) for k, v in totals.items()])
+        self._db.execute("COMMIT")
+        return totals
+
+    def spent(self) -> dict[str, float]:
+        """What the runs that wrote this journal's rows spent, summed (see ``add_spent``)."""
+        totals: dict[str, float] = {}
+        for key, value in self._db.execute("SELECT key, value FROM meta WHERE key LIKE 'spent.%'"):
+            try:
+                totals[key.removeprefix("spent.")] = float(value)
+            except ValueError:
+                continue
+        return totals
 
     def close(self) -> None:
         """Close the database (what was committed stays), then let the next run in."""

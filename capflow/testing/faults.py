@@ -22,6 +22,7 @@ FAULT_KINDS: tuple[str, ...] = (
     "malformed",
     "empty_choices",
     "reset",
+    "bad_json",
 )
 
 #: Body of the "malformed" fault: truncated JSON, sent with status 200.
@@ -44,6 +45,7 @@ class FaultConfig:
     rate_hang: float = 0.0
     rate_malformed: float = 0.0
     rate_empty_choices: float = 0.0
+    rate_bad_json: float = 0.0  # a structured answer cut short: not JSON, or not the schema's
     rate_reset: float = 0.0
     retry_after: float = 1.0
     hang_seconds: float = 30.0
@@ -102,8 +104,8 @@ async def apply_fault(
     kind: str | None, config: FaultConfig, request: web.Request
 ) -> web.StreamResponse | None:
     """Enact fault ``kind``: return the response to send instead of a normal answer,
-    or None to answer normally (after stalling, for "hang"; "empty_choices" is left
-    to the caller since it shapes the answer)."""
+    or None to answer normally (after stalling, for "hang"; "empty_choices" and "bad_json"
+    are left to the caller since they shape the answer)."""
     if kind == "429":
         return error_response(
             429,
