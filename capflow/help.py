@@ -34,7 +34,7 @@ COMMANDS = (
     ("capflow models [api_url=...]", "the models the server offers"),
     ("capflow show OUTPUT [--html FILE]",
      "counts, failures by type and sample captions of an output; --html writes a gallery page"),
-    ("capflow compare OUTPUT ... --out DIR", "outputs side by side: figures, charts, answers"),
+    ("capflow compare OUTPUTS --out DIR", "outputs side by side: figures, charts, answers"),
     ("capflow --hydra-help", "Hydra's own flags (--info, --package, --config-dir, ...)"),
     ("capflow --version", ""),
 )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 
-from capflow.config_sources import BUILTIN_CONFIG, all_options
+from capflow.config_sources import all_options
 from capflow.errors import ConfigError
 from capflow.plugins import PluginRegistry
 
@@ -89,5 +89,5 @@ def _load(path: str, group: str) -> dict:
         raise ConfigError(f"{group}={path} is not valid YAML: {reason}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{group}={path} must hold a mapping of keys (like"
-                          f" {BUILTIN_CONFIG}/{group}/*.yaml), not {type(data).__name__}")
+                          f" conf/{group}/*.yaml), not {type(data).__name__}")
     return data

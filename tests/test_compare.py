@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from conftest import make_dataset, make_image, read_rows, run_capflow
 from PIL import Image
@@ -25,6 +26,20 @@ FILES = ("comparison.json", "comparison.md", "comparison.html", "comparison.png"
 SPENT = ("prompt_tokens", "completion_tokens", "cost", "elapsed_s")
 FIGURES = ("overrides", "output", "rows", "done", "failed", "mean_caption_chars",
            "median_caption_chars", *SPENT)
+_NUMBER = {"type": "number", "minimum": 0}
+SCHEMA = {  # what comparison.json promises
+    "type": "object", "required": ["jobs"],
+    "properties": {"jobs": {"type": "array", "items": {
+        "type": "object", "required": list(FIGURES),
+        "properties": {
+            "overrides": {"type": "object", "additionalProperties": {"type": "string"}},
+            "output": {"type": "string"},
+            **{name: {"type": "integer", "minimum": 0} for name in
+               ("rows", "done", "failed", "prompt_tokens", "completion_tokens")},
+            **{name: _NUMBER for name in
+               ("mean_caption_chars", "median_caption_chars", "cost", "elapsed_s")},
+        }}}},
+}
 
 
 def sweep(root: Path, data: Path, url: str, values: str = f"prompt={','.join(PROMPTS)}",
@@ -126,6 +141,7 @@ def test_a_sweep_writes_its_comparison(swept: Swept) -> None:
     assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == sorted(
         f"prompt={p}" for p in PROMPTS)
     comparison = json.loads(swept.files["comparison.json"])
+    jsonschema.validate(comparison, SCHEMA)
     jobs = comparison["jobs"]
     assert [job["overrides"] for job in jobs] == [{"prompt": p} for p in PROMPTS]
     assert [job["label"] for job in jobs] == [f"prompt={p}" for p in PROMPTS]
@@ -247,7 +263,7 @@ def test_compare_mistakes_are_one_line(tmp_path: Path) -> None:
     usage = compare(tmp_path, "--help")
     assert usage.returncode == 0 and "--out DIR" in usage.stdout and "--sample N" in usage.stdout
     overall = run_capflow("--help", cwd=tmp_path)
-    assert "capflow compare OUTPUT ... --out DIR" in overall.stdout
+    assert "capflow compare OUTPUTS --out DIR" in overall.stdout
 
 
 def test_separate_runs_are_labelled_by_what_differs(tmp_path: Path,
@@ -315,3 +331,20 @@ def test_outputs_without_manifests_and_structured_answers(tmp_path: Path) -> Non
     page = (tmp_path / "D" / "comparison.html").read_text()
     assert "hello &lt;b&gt;" in page and "<b>" not in page
     assert "<strong>Refused</strong> no &amp; never" in page
+
+
+def test_a_pipeline_counts_what_every_step_spent(tmp_path: Path,
+                                                 server: FakeOpenAIServer) -> None:
+    data, _ = make_dataset(tmp_path, 4)
+    result = sweep(tmp_path, data, server.base_url, "prompt=concise,detailed",
+                   "pipeline=caption_refine")
+    assert result.returncode == 0, result.stderr
+    jobs = json.loads((tmp_path / "SW" / "comparison.json").read_text())["jobs"]
+    assert [job["label"] for job in jobs] == ["prompt=concise", "prompt=detailed"]
+    for job in jobs:
+        output = Path(job["output"])
+        assert job["answer_key"] == "refined_caption"
+        assert len(manifest(output)["step"]["outputs"]) == 2
+        check_figures(job, output)  # summed over both steps' manifests
+        # Step 1 asks each prompt anew; step 2 may be answered by the cache (same captions).
+        assert job["prompt_tokens"] > manifest(output)["output_spent"]["prompt_tokens"]
