@@ -43,6 +43,11 @@ def sample_dataset() -> str:
     return str(resources.files("capflow.data") / "sample" / "sample_data.json")
 
 
+def beside(path: str, name: str) -> str:
+    """``name`` in the folder of ``path``: ``${capflow.beside:${cache.path},images.sqlite}``."""
+    return os.path.join(os.path.dirname(str(path)), name)
+
+
 def install(registry: PluginRegistry) -> None:
     """Make what the plugins provide visible to Hydra (idempotent)."""
     CapflowSearchPathPlugin.paths = list(registry.search_paths)
@@ -52,6 +57,8 @@ def install(registry: PluginRegistry) -> None:
         store.store(group=group, name=name, node=node, provider="capflow-plugin")
     if not OmegaConf.has_resolver("capflow.sample"):
         OmegaConf.register_new_resolver("capflow.sample", sample_dataset)
+    if not OmegaConf.has_resolver("capflow.beside"):
+        OmegaConf.register_new_resolver("capflow.beside", beside)
     if not OmegaConf.has_resolver("capflow.job_dir"):
         from capflow.sweep import job_dir_name
 

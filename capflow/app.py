@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from capflow import sweep
 from capflow.engine import EngineSettings
 from capflow.errors import ConfigError
+from capflow.images import ImagePreparer
 from capflow.manifest import RunContext
 from capflow.operators.base import Operator
 from capflow.retry import RetryPolicy
@@ -122,6 +123,10 @@ def run_job(cfg: DictConfig) -> list[RunSummary]:
         share_endpoints=bool(cfg.cache.share_endpoints),
         run_context=run_context(cfg),
     )
+    if dry_run:  # a dry run reads the prepared-image cache but makes none, as the responses'
+        for op in operators:
+            if isinstance(getattr(op, "image_io", None), ImagePreparer):
+                op.image_io.make_no_cache()
     names = list(steps_cfg)
     views = [storage.step(output=output if n == len(operators) - 1 else None)
              for n in range(len(operators))]

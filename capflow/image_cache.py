@@ -89,7 +89,8 @@ class PreparedImageCache:
     """Prepared images keyed by ``image_key``, within ``max_bytes``.
 
     The file is opened on first use, from whichever thread gets there first; one connection
-    serves every thread, under a lock held only while SQLite works.
+    serves every thread, under a lock held only while SQLite works. ``hits``, ``misses``,
+    ``stored`` and ``evicted`` count this object's own lookups and writes.
 
     :param path: the SQLite file (created with its folder when first written).
     :param max_bytes: the most bytes of entries kept; beyond it the least recently used go.

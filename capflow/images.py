@@ -175,6 +175,11 @@ class ImagePreparer:
         settings = {k: v for k, v in self.describe().items() if k not in _CHECKS_ONLY}
         self._cache_settings = json.dumps([_PREPARATION_VERSION, settings], sort_keys=True)
 
+    def make_no_cache(self) -> None:
+        """Use the cache only if its file exists already (a dry run leaves nothing behind)."""
+        if self._cache is not None and not self._cache.path.exists():
+            self._cache = None
+
     @property
     def image_cache(self) -> PreparedImageCache | None:
         """The prepared-image cache (None when there is none)."""

@@ -126,7 +126,8 @@ def test_plugins_options_are_listed_with_their_descriptions(tmp_path):
     config.add_node("prompt", "tanka", Tanka)
     text = render(registry)
     assert "serving: local, openai" in text.splitlines()
-    assert "prompt: alt_text, concise, detailed, seed, tanka" in text.splitlines()
+    assert ("prompt: alt_text, concise, detailed, ocr, seed, structured, tags, tanka"
+            in text.splitlines())
     lines = text.splitlines()
     assert any(re.match(r"^    local +answers from a model on this machine\. \(from the plugin"
                         r" localplugin\)$", line) for line in lines), text

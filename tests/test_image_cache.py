@@ -359,7 +359,7 @@ def test_the_config_keys_and_their_defaults():
     image = OmegaConf.load(CONFIG).image
     assert image.cache is True
     assert image._get_node("cache_path")._value() == (
-        "${oc.select:storage.cache_path,./cache_local}/images.sqlite")
+        "${capflow.beside:${cache.path},images.sqlite}")  # in the response cache's folder
     assert image.cache_max_bytes == 2_000_000_000
     assert PreparedImageCache("x").max_bytes == image.cache_max_bytes
     with pytest.raises(ConfigError, match="image.cache_max_bytes must be > 0"):

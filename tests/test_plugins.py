@@ -298,7 +298,8 @@ def test_capflow_plugins_lists_builtins_and_what_they_provide(tmp_path):
     blocks = listing(result.stdout)
     assert blocks.pop("capflow.storage.plugin (built-in)") == ["storage file"]
     assert blocks.pop("capflow.serving.plugin (built-in)") == ["serving openai"]
-    assert blocks.pop("capflow.operators.plugin (built-in)") == ["operator prompted_vqa", "operator row_filter"]
+    assert blocks.pop("capflow.operators.plugin (built-in)") == [
+        "operator prompted_vqa", "operator row_filter"]
     builtin_config = blocks.pop("capflow config (built-in)")
     assert {"serving=openai", "storage=file", "pipeline=caption", "prompt=seed",
             "prompt=concise", "prompt=detailed", "prompt=alt_text"} <= set(builtin_config)

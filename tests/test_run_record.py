@@ -126,3 +126,9 @@ def test_the_dry_run_shows_the_first_rows_request_every_time(tmp_path):
         shown.add(block)
         assert "Question number 0?" in block
     assert len(shown) == 1
+
+
+def test_the_newcomers_dry_run_leaves_the_working_folder_as_it_was(tmp_path):
+    result = run_capflow(cwd=tmp_path)  # the README's first command: the bundled sample, dry
+    assert result.returncode == 0 and "Nothing was sent" in result.stdout
+    assert list(tmp_path.iterdir()) == []  # no caches, journals, run folders or outputs
