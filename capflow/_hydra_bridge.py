@@ -43,8 +43,11 @@ def sample_dataset() -> str:
     return str(resources.files("capflow.data") / "sample" / "sample_data.json")
 
 
-def beside(path: str, name: str) -> str:
-    """``name`` in the folder of ``path``: ``${capflow.beside:${cache.path},images.sqlite}``."""
+def beside(path: str | None, name: str) -> str | None:
+    """``name`` in the folder of ``path``: ``${capflow.beside:${cache.path},images.sqlite}``
+    (None when ``path`` is: no file, no neighbour)."""
+    if path is None:
+        return None
     return os.path.join(os.path.dirname(str(path)), name)
 
 

@@ -123,6 +123,9 @@ def run_job(cfg: DictConfig) -> list[RunSummary]:
         share_endpoints=bool(cfg.cache.share_endpoints),
         run_context=run_context(cfg),
     )
+    for op in operators:  # a filter's file of dropped rows, like every output, is the job's
+        if isinstance(getattr(op, "dropped_output", None), str):
+            op.dropped_output = _in_job_dir(op.dropped_output)
     if dry_run:  # a dry run reads the prepared-image cache but makes none, as the responses'
         for op in operators:
             if isinstance(getattr(op, "image_io", None), ImagePreparer):

@@ -326,6 +326,10 @@ def _samples(read: list[_JobReading], wanted: int) -> list[SampleRow]:
         with contextlib.closing(r.entries()) as stream:
             rows = itertools.islice(stream, indices[-1] + 1)
             picked.append({e.index: e for e in rows if e.index in wanted_set})
+    if len({r.counts.rows for r in read}) > 1:
+        # Outputs of different lengths (a filter step dropped rows): the same position is not
+        # the same row, its id is.
+        picked = _by_id(read, picked) or picked
     samples = []
     for index in indices:
         entries = tuple(p.get(index) for p in picked)
@@ -335,6 +339,21 @@ def _samples(read: list[_JobReading], wanted: int) -> list[SampleRow]:
         samples.append(SampleRow(index, first.row_id if first else None,
                                  first.images if first else (), where.root, entries))
     return samples
+
+
+def _by_id(read: list[_JobReading], picked: list[dict[int, Entry]]
+           ) -> list[dict[int, Entry]] | None:
+    """Each job's rows with the ids of the shortest output's sampled rows, under those rows'
+    indices; None when some sampled row has no id."""
+    shortest = min(range(len(read)), key=lambda n: read[n].counts.rows)
+    ids = {e.row_id: index for index, e in picked[shortest].items()}
+    if not ids or None in ids or len(ids) < len(picked[shortest]):
+        return None
+    matched: list[dict[int, Entry]] = []
+    for r in read:
+        with contextlib.closing(r.entries()) as stream:
+            matched.append({ids[e.row_id]: e for e in stream if e.row_id in ids})
+    return matched
 
 
 def _cell_json(entry: Entry | None) -> dict[str, Any]:

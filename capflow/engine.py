@@ -159,6 +159,7 @@ class _Step:
         self.active = asyncio.Semaphore(1)  # rows in progress, sized in produce()
         self.began = time.perf_counter()
         self.output_spent: dict[str, float] = {}  # what building the output cost, all runs
+        self.committed_spent: dict[str, float] = {}  # what this run's commits have counted
 
     def fingerprint(self) -> str:
         what = [self.storage.input_identity(), self.op.describe(), self.serving_key]
@@ -251,13 +252,7 @@ class _Step:
         if self.journal is not None:
             summary.output_ok, summary.output_failed = self.journal.counts()
             with contextlib.suppress(sqlite3.Error):  # a figure for the record, not a row
-                self.output_spent = self.journal.add_spent({
-                    "requests": summary.requests,
-                    "prompt_tokens": summary.prompt_tokens,
-                    "completion_tokens": summary.completion_tokens,
-                    "cost": self.rules.cost(summary.prompt_tokens, summary.completion_tokens),
-                    "elapsed_s": time.perf_counter() - self.began,
-                })
+                self.output_spent = self.journal.spent()
             try:
                 self.output_failures = manifest.failed_by_type(self.journal.failed_lines())
                 self.storage.write(_JournalLines(self.journal))
@@ -350,7 +345,7 @@ class _Step:
                         self.spawn(self.prepare_batch(prep, batch))
                         batch = []
                     await self.active.acquire()
-                    if row.error or ERROR_KEY in row.data:  # nothing to prepare
+                    if row.error or self.failed_earlier(row):  # nothing to prepare
                         self.spawn(self.process(row, None), row=True)
                         continue
                     batch.append(row)
@@ -368,6 +363,12 @@ class _Step:
                     task.cancel()
                 await asyncio.gather(*self.tasks, return_exceptions=True)
                 raise
+
+    def failed_earlier(self, row: Row) -> bool:
+        """Whether ``row`` carries the error record of an earlier step of the pipeline."""
+        error = row.data.get(ERROR_KEY)
+        return (self.storage.reads_earlier_step and isinstance(error, dict)
+                and isinstance(error.get("type"), str) and isinstance(error.get("message"), str))
 
     def spawn(self, coro: Any, row: bool = False) -> None:
         """Run ``coro`` as a task of this step; a row's task frees its place when it ends."""
@@ -387,13 +388,9 @@ class _Step:
         try:
             if row.error:
                 raise RowError("BadRow", row.error)
-            if ERROR_KEY in row.data:
+            if self.failed_earlier(row):
                 # Failed in an earlier step: it stays failed, with that step's error record.
-                earlier = row.data[ERROR_KEY]
-                if not (isinstance(earlier, dict) and {"type", "message"} <= earlier.keys()):
-                    earlier = {"type": "EarlierError", "message": str(earlier)[:300],
-                               "stage": "input"}
-                self.finish(row, error=earlier)
+                self.finish(row, error=row.data[ERROR_KEY])
                 return
             if isinstance(prepared, Exception):
                 raise prepared
@@ -524,9 +521,29 @@ class _Step:
         # Responses first: a row in the journal always has its answer cached too.
         if self.cache is not None:
             self.cache.commit()
-        if self.pending and self.journal is not None:
-            self.journal.add(self.pending)
-            self.pending = []  # only once committed: a failed commit is tried again
+        if self.journal is not None:
+            # What was spent goes with the rows it paid for: a run killed later keeps both.
+            spent = self.spent_since_commit()
+            if self.pending or spent:
+                self.journal.add(self.pending, spent)
+                self.committed_spent = self.spent_now()
+                self.pending = []  # only once committed: a failed commit is tried again
+
+    def spent_now(self) -> dict[str, float]:
+        s = self.summary
+        return {"requests": s.requests, "prompt_tokens": s.prompt_tokens,
+                "completion_tokens": s.completion_tokens,
+                "cost": self.rules.cost(s.prompt_tokens, s.completion_tokens),
+                "elapsed_s": time.perf_counter() - self.began}
+
+    def spent_since_commit(self) -> dict[str, float]:
+        """What this run spent since the last commit (seconds only along with something else:
+        a commit of nothing but time is not worth one)."""
+        now, before = self.spent_now(), self.committed_spent
+        delta = {k: v - before.get(k, 0) for k, v in now.items()}
+        if not any(delta[k] for k in delta if k != "elapsed_s") and not self.pending:
+            return {}
+        return delta
 
     def write_manifest(self) -> None:
         """``<output>.run.json``: what ran, when, and what came of it."""

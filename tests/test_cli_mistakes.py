@@ -29,7 +29,8 @@ def one_line_error(result) -> str:  # noqa: ANN001 - a CompletedProcess
     (["serving=opnai"],
      "unknown option serving=opnai: did you mean serving=openai? (serving options: openai)"),
     (["-m", "prompt=concise,detaild"], "unknown option prompt=detaild: did you mean"
-     " prompt=detailed? (prompt options: alt_text, concise, detailed, seed)"),
+     " prompt=detailed? (prompt options: alt_text, concise, detailed, ocr, seed,"
+     " structured, tags)"),
     (["-m", "max_worker=5,6"], "unknown key max_worker: did you mean max_workers?"),
 ])
 def test_a_misspelt_key_or_option_is_one_line_and_nothing_starts(server, tmp_path, args,

@@ -393,6 +393,10 @@ def test_the_cache_options_reach_the_preparer(hydra_compose, tmp_path):
     assert moved is not None and (moved.path, moved.max_bytes) == (tmp_path / "i.sqlite", 12345)
     assert _image_io(hydra_compose("image.cache=false")).image_cache is None
     assert _image_io(hydra_compose("image.cache_path=null")).image_cache is None
+    # It follows the response cache: moved with it, and none where that has no file.
+    follows = _image_io(hydra_compose(f"cache.path={tmp_path / 'r' / 'x.sqlite'}")).image_cache
+    assert follows is not None and follows.path == tmp_path / "r" / "images.sqlite"
+    assert _image_io(hydra_compose("cache.path=null")).image_cache is None
 
 
 # --- the console script: a sweep, then another run ---------------------------------------------

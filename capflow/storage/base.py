@@ -36,6 +36,12 @@ class Storage(ABC):
         return None
 
     @property
+    def reads_earlier_step(self) -> bool:
+        """Whether this step's rows are an earlier step's output: a row that failed there then
+        passes through this step as failed, with its error record, and is not asked again."""
+        return False
+
+    @property
     @abstractmethod
     def base_dir(self) -> Path:
         """The folder that relative image paths in rows are resolved against."""

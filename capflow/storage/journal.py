@@ -94,11 +94,18 @@ class RunJournal:
         ).fetchone()
         return int(ok), int(failed)
 
-    def add(self, batch: list[tuple[int, bool, str]]) -> None:
-        """Make a batch of finished rows (index, ok, JSON text) durable in one commit."""
+    def add(self, batch: list[tuple[int, bool, str]], spent: dict[str, float] | None = None
+            ) -> None:
+        """Make a batch of finished rows (index, ok, JSON text) durable in one commit, with
+        what was spent on them (added to ``spent()``)."""
         try:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT OR REPLACE INTO rows VALUES (?, ?, ?)", batch)
+            if spent:
+                totals = self.spent()
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                    [(f"spent.{k}", repr(totals.get(k, 0) + v)) for k, v in spent.items()])
             self._db.execute("COMMIT")
         except sqlite3.Error:
             if self._db.in_transaction:
@@ -109,20 +116,9 @@ class RunJournal:
         """Every finished row's JSON text, in input order."""
         yield from (line for (line,) in self._db.execute("SELECT line FROM rows ORDER BY idx"))
 
-    def add_spent(self, spent: dict[str, float]) -> dict[str, float]:
-        """Add one run's spending (tokens, cost, seconds, requests) to what building this output
-        has cost so far, and return the new totals. They start afresh with the rows."""
-        totals = self.spent()
-        for name, value in spent.items():
-            totals[name] = totals.get(name, 0) + value
-        self._db.execute("BEGIN")
-        self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                             [(f"spent.{k}", repr(v)) for k, v in totals.items()])
-        self._db.execute("COMMIT")
-        return totals
-
     def spent(self) -> dict[str, float]:
-        """What the runs that wrote this journal's rows spent, summed (see ``add_spent``)."""
+        """What the runs that wrote this journal's rows spent (tokens, cost, seconds, requests),
+        summed; it starts afresh with the rows."""
         totals: dict[str, float] = {}
         for key, value in self._db.execute("SELECT key, value FROM meta WHERE key LIKE 'spent.%'"):
             try:
