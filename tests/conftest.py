@@ -3,6 +3,7 @@ a runner for the real ``capflow`` console script."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -91,6 +92,14 @@ def run_capflow(
     return subprocess.run(
         [CAPFLOW, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+@pytest.fixture(autouse=True)
+def _no_pauses_for_earlier_tests_garbage() -> None:
+    """What earlier tests left on the heap is set aside from the garbage collector: a full
+    collection of the whole suite's heap stalls the in-process test servers and event loops for
+    tens of milliseconds, which tests of latency-driven sending would read as a slow server."""
+    gc.freeze()
 
 
 @pytest.fixture(autouse=True)

@@ -421,8 +421,10 @@ def test_a_sweep_prepares_each_photo_once_and_the_next_run_reuses_them(server, t
     entries = stored(cache)
     assert len(entries) == 4 and all(length for length, _, _ in entries)
     assert len(server.requests) == 8  # two prompts: every row asked twice
-    images = {r.system: r.images for r in server.requests}
-    assert len(images) == 2 and len({json.dumps(v) for v in images.values()}) == 1
+    images: dict[str, list[str]] = {}  # each job's images, whatever order they went in
+    for r in server.requests:
+        images.setdefault(r.system, []).extend(r.images)
+    assert len(images) == 2 and len({json.dumps(sorted(v)) for v in images.values()}) == 1
     outputs = sorted(tmp_path.glob("multirun/**/out.jsonl"))
     assert len(outputs) == 2 and all(len(read_rows(p)) == 4 for p in outputs)
     real = {r["id"]: r["caption"] for r in read_rows(outputs[0])}
