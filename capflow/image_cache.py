@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 TOUCH_SECONDS = 3600
 EVICT_TO = 0.9  # eviction frees room down to this fraction of max_bytes: a batch, not one a put
 _ROW_OVERHEAD = 128  # bytes an entry costs beside its image: key, fields, index entries
+_AS_IS_IN_MEMORY = 100_000  # entries of files sent as they are, kept in memory too
 _BUSY_SECONDS = 10.0  # how long a write waits for another process's transaction
 
 _SCHEMA = """
@@ -107,10 +108,17 @@ class PreparedImageCache:
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._failed = False
+        # Entries of files sent as they are hold no bytes: kept in memory too, so that a
+        # dataset of small images that repeat is not one SQLite query per row.
+        self._as_is: dict[bytes, EncodedImage] = {}
 
     def get(self, key: bytes) -> EncodedImage | None:
         """The entry for ``key``, or None. An entry sent as it is comes back with empty
         ``data``: the caller reads the file."""
+        known = self._as_is.get(key)
+        if known is not None:
+            self.hits += 1
+            return known
         with self._lock:
             db = self._connection()
             if db is None:
@@ -135,12 +143,22 @@ class PreparedImageCache:
                     db.execute("UPDATE images SET used=? WHERE key=?", (now, key))
                 except sqlite3.Error as exc:  # the entry is good; only its age is stale
                     log.debug("could not record the use of a cached image: %s", exc)
-        return EncodedImage(data or b"", mime, width, height, source_size, data is None)
+        found = EncodedImage(data or b"", mime, width, height, source_size, data is None)
+        if found.as_is:
+            self._remember(key, found)
+        return found
+
+    def _remember(self, key: bytes, image: EncodedImage) -> None:
+        if len(self._as_is) >= _AS_IS_IN_MEMORY:
+            self._as_is.clear()  # a bound, not a policy: the file still has them all
+        self._as_is[key] = image
 
     def put(self, key: bytes, image: EncodedImage) -> None:
         """Store ``image`` under ``key`` (kept without its bytes when ``image.as_is``), then
         evict the least recently used entries should the cache be over ``max_bytes``."""
         data = None if image.as_is else image.data
+        if image.as_is:
+            self._remember(key, image)
         size = len(data or b"") + _ROW_OVERHEAD
         if size > self.max_bytes * EVICT_TO:
             return  # it would evict everything, itself included
