@@ -103,6 +103,12 @@ def pool_rate(fn: Callable[[Path], None], paths: list[Path]) -> float:
         return len(paths) / (time.perf_counter() - began)
 
 
+def photo_set(ctx: Context, count: int) -> tuple[Path, list[Path]]:
+    """The dataset of ``count`` photos (made once) and the photos' paths, in row order."""
+    data = photos(ctx.cache_root, count)
+    return data, [data.parent / row["image"][0] for row in json.loads(data.read_text())]
+
+
 def photo_means(paths: list[Path]) -> np.ndarray:
     """Mean RGB colour of each photo (decoded at 1/8 scale: the mean barely moves)."""
     with Pool(os.cpu_count()) as pool:
@@ -120,8 +126,7 @@ def prepare(ctx: Context) -> ScenarioResult:
     count = ctx.size(200)
     res = ScenarioResult("prepare", f"dry run over {count} photos {SIZE[0]}x{SIZE[1]} "
                          f"JPEG q{QUALITY}, vs bare Pillow decode on {os.cpu_count()} cores")
-    data = photos(ctx.cache_root, count)
-    paths = [data.parent / row["image"][0] for row in json.loads(data.read_text())]
+    data, paths = photo_set(ctx, count)
     raw = sum(p.stat().st_size for p in paths)
     for p in paths:  # into the page cache, for every contender alike
         p.read_bytes()
@@ -162,8 +167,7 @@ def prepare_live(ctx: Context) -> ScenarioResult:
     count = ctx.size(200, 40)
     res = ScenarioResult("prepare-live", f"{count} photos {SIZE[0]}x{SIZE[1]} captioned, "
                          f"{LIVE_WORKERS} in flight at most, latency {LIVE_LATENCY} s")
-    data = photos(ctx.cache_root, count)
-    paths = [data.parent / row["image"][0] for row in json.loads(data.read_text())]
+    data, paths = photo_set(ctx, count)
     means = photo_means(paths)
     d = ctx.rundir("prepare-live")
     with Server(LIVE_LATENCY, log_dir=d) as srv:

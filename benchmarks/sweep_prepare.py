@@ -11,7 +11,6 @@ jobs cost about what sending does.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 
 from benchmarks.context import Context
 from benchmarks.harness import RunResult, Server, capflow_command, run_measured
-from benchmarks.prepare import SIZE, _check_captions, photo_means, photos
+from benchmarks.prepare import SIZE, _check_captions, photo_means, photo_set
 from benchmarks.report import Figure, ScenarioResult, at_most, check, info
 
 PROMPTS = ("concise", "detailed", "alt_text")
@@ -31,8 +30,7 @@ def sweep_prepare(ctx: Context) -> ScenarioResult:
     count = ctx.size(200, 40)
     res = ScenarioResult("sweep-prepare", f"{count} photos {SIZE[0]}x{SIZE[1]}: one job, then "
                          f"a {len(PROMPTS)}-prompt sweep (image cache on, then off)")
-    data = photos(ctx.cache_root, count)
-    paths = [data.parent / row["image"][0] for row in json.loads(data.read_text())]
+    data, paths = photo_set(ctx, count)
     means = photo_means(paths)
     for p in paths:  # into the page cache, for every run alike
         p.read_bytes()

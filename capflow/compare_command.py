@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from capflow.comparison import DEFAULT_SAMPLE, compare
 from capflow.redaction import clean_message
-from capflow.show import ShowError
+from capflow.show import ShowError, count_arg
 
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
 
@@ -44,23 +44,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="an output file (.jsonl, .json, .csv or .tsv), its run manifest beside it")
     p.add_argument("--out", metavar="DIR", required=True,
                    help="the folder to write the comparison into (made if missing)")
-    p.add_argument("--sample", metavar="N", type=_count_arg, default=DEFAULT_SAMPLE,
+    p.add_argument("--sample", metavar="N", type=count_arg, default=DEFAULT_SAMPLE,
                    help=f"rows shown side by side, the same in every output (default"
                         f" {DEFAULT_SAMPLE})")
     p.add_argument("--root", metavar="FOLDER",
                    help="folder that relative image paths are relative to (default: each run's"
                         " input's folder from its manifest, else the output's folder)")
     return p
-
-
-def _count_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
-    return value
 
 
 def main(argv: list[str]) -> int:

@@ -323,9 +323,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("output", metavar="OUTPUT", help="an output file: .jsonl, .json, .csv or .tsv")
     p.add_argument("--html", metavar="FILE", help="also write a gallery page to FILE")
-    p.add_argument("--limit", metavar="N", type=_count_arg, default=1000,
+    p.add_argument("--limit", metavar="N", type=count_arg, default=1000,
                    help="rows in the gallery (default 1000; 0: all)")
-    p.add_argument("--samples", metavar="N", type=_count_arg, default=5,
+    p.add_argument("--samples", metavar="N", type=count_arg, default=5,
                    help="sample captions to print (default 5)")
     p.add_argument("--key", metavar="NAME", default="caption",
                    help="the output key holding the answer (default caption)")
@@ -337,7 +337,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _count_arg(text: str) -> int:
+def count_arg(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
     try:
         value = int(text)
     except ValueError:

@@ -94,6 +94,23 @@ def run_capflow(
     )
 
 
+@pytest.fixture
+def hydra_compose() -> Iterator:
+    """``compose(*overrides)``: capflow's config composed as the command line would, plugins'
+    options and capflow's resolvers included."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from capflow import _hydra_bridge
+    from capflow.plugins import get_plugins
+
+    _hydra_bridge.install(get_plugins()[1])
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="capflow.conf", version_base=None):
+        yield lambda *overrides: compose(config_name="config", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+
+
 @pytest.fixture(autouse=True)
 def _no_pauses_for_earlier_tests_garbage() -> None:
     """What earlier tests left on the heap is set aside from the garbage collector: a full

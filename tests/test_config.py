@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from importlib import resources
 
 import pytest
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 
-from capflow import _hydra_bridge
 from capflow.app import build
 from capflow.errors import ConfigError
 from capflow.operators import Operator
@@ -23,15 +19,6 @@ GROUPS = ("storage", "serving", "pipeline", "prompt")
 def _options(group: str) -> list[str]:
     folder = resources.files("capflow.conf") / group
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-@pytest.fixture
-def hydra_compose() -> Iterator:
-    _hydra_bridge.install(get_plugins()[1])
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="capflow.conf", version_base=None):
-        yield lambda *overrides: compose(config_name="config", overrides=list(overrides))
-    GlobalHydra.instance().clear()
 
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in _options(g)])

@@ -13,23 +13,18 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import read_rows, run_capflow
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from PIL import Image
 
-from capflow import _hydra_bridge
 from capflow.app import build
 from capflow.errors import ConfigError, RowError
 from capflow.image_cache import EncodedImage, PreparedImageCache
 from capflow.images import ImagePreparer
 from capflow.operators import Operator
-from capflow.plugins import get_plugins
 from capflow.serving import Serving
 from capflow.testing.server import describe_image
 
@@ -364,15 +359,6 @@ def test_the_config_keys_and_their_defaults():
     assert PreparedImageCache("x").max_bytes == image.cache_max_bytes
     with pytest.raises(ConfigError, match="image.cache_max_bytes must be > 0"):
         ImagePreparer(cache_max_bytes=0)
-
-
-@pytest.fixture
-def hydra_compose() -> Iterator:
-    _hydra_bridge.install(get_plugins()[1])
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="capflow.conf", version_base=None):
-        yield lambda *overrides: compose(config_name="config", overrides=list(overrides))
-    GlobalHydra.instance().clear()
 
 
 def _image_io(cfg) -> ImagePreparer:
