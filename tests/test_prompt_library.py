@@ -44,34 +44,36 @@ def test_the_library_has_the_promised_prompts():
     assert {"caption", "caption_refine", "caption_verify", "caption_filter"} <= set(PIPELINES)
 
 
-@pytest.mark.parametrize("prompt", PROMPTS)
-def test_every_shipped_prompt_runs_on_a_sample_row(tmp_path, server, sample_row, prompt):
-    spec = yaml.safe_load((CONF / "prompt" / f"{prompt}.yaml").read_text())
-    out = tmp_path / "out.jsonl"
-    result = run_capflow(*_args(server, sample_row, f"prompt={prompt}", f"output={out}"),
+def test_every_shipped_prompt_runs_on_a_sample_row(tmp_path, server, sample_row):
+    # One sweep over the whole library: one job per prompt, each in its own folder.
+    result = run_capflow("-m", *_args(server, sample_row, f"prompt={','.join(PROMPTS)}",
+                                      "output=out.jsonl", "hydra.sweep.dir=sw"), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(server.requests) == len(PROMPTS)
+    for prompt in PROMPTS:
+        spec = yaml.safe_load((CONF / "prompt" / f"{prompt}.yaml").read_text())
+        (row,) = read_rows(tmp_path / "sw" / f"prompt={prompt}" / "out.jsonl")
+        (request,) = [r for r in server.requests if r.system.startswith(spec["system"])]
+        assert len(request.images) == 1, prompt
+        if spec.get("schema"):
+            jsonschema.validate(row["caption"], spec["schema"])
+        else:
+            assert row["caption"] == request.images[0], prompt
+
+
+def test_every_shipped_pipeline_runs_on_a_sample_row(tmp_path, server, sample_row):
+    result = run_capflow("-m", *_args(server, sample_row, f"pipeline={','.join(PIPELINES)}",
+                                      "storage.cache_path=steps", "hydra.sweep.dir=sw"),
                          cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    (row,) = read_rows(out)
-    (request,) = server.requests
-    assert request.system.startswith(spec["system"]) and len(request.images) == 1
-    if spec.get("schema"):
-        jsonschema.validate(row["caption"], spec["schema"])
-    else:
-        assert row["caption"] == request.images[0]
-
-
-@pytest.mark.parametrize("pipeline", PIPELINES)
-def test_every_shipped_pipeline_runs_on_a_sample_row(tmp_path, server, sample_row, pipeline):
-    steps = tmp_path / "steps"
-    result = run_capflow(*_args(server, sample_row, f"pipeline={pipeline}",
-                                f"storage.cache_path={steps}"), cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    spec = yaml.safe_load((CONF / "pipeline" / f"{pipeline}.yaml").read_text())
-    count = 1 + len(spec.get("steps", {})) if "defaults" in spec else len(spec["steps"])
-    for n in range(1, count + 1):
-        assert (steps / f"caption_step{n}.jsonl").exists()
-    (row,) = read_rows(steps / f"caption_step{count}.jsonl")
-    assert "_error" not in row and "caption" in row
+    for pipeline in PIPELINES:
+        steps = tmp_path / "sw" / f"pipeline={pipeline}" / "steps"
+        spec = yaml.safe_load((CONF / "pipeline" / f"{pipeline}.yaml").read_text())
+        count = 1 + len(spec.get("steps", {})) if "defaults" in spec else len(spec["steps"])
+        for n in range(1, count + 1):
+            assert (steps / f"caption_step{n}.jsonl").exists(), (pipeline, n)
+        (row,) = read_rows(steps / f"caption_step{count}.jsonl")
+        assert "_error" not in row and "caption" in row, pipeline
 
 
 def test_a_user_template_uses_the_row_fields_and_names_a_missing_one(tmp_path, server):
