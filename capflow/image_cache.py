@@ -273,6 +273,9 @@ def _set_up(db: sqlite3.Connection) -> None:
             if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # a lost entry costs only a decode
+            # Entries are read once a job, each: pages kept in memory would rarely be read
+            # again, and would sit beside the images being prepared.
+            db.execute("PRAGMA cache_size=-256")
             db.executescript(_SCHEMA)
             return
         except sqlite3.OperationalError as exc:
