@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,9 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from capflow.testing.pytest_plugin import capflow_executable, run_cli
 from capflow.testing.server import FakeOpenAIServer, describe_image
 
-CAPFLOW = shutil.which("capflow") or "capflow"
+CAPFLOW = capflow_executable()
 
 
 def colour_of(i: int) -> tuple[int, int, int]:
@@ -78,37 +77,16 @@ def read_rows(path: Path) -> list[dict]:
 
 
 @pytest.fixture
-def server() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as srv:
-        yield srv
+def server(openai_server: FakeOpenAIServer) -> FakeOpenAIServer:
+    """The kit's ``openai_server`` (capflow/testing/pytest_plugin.py), by its shorter name."""
+    return openai_server
 
 
 def run_capflow(
     *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     """Run the real console script; the environment has no API key unless ``env`` adds one."""
-    full_env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
-    full_env.update(env or {})
-    return subprocess.run(
-        [CAPFLOW, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
-
-
-@pytest.fixture
-def hydra_compose() -> Iterator:
-    """``compose(*overrides)``: capflow's config composed as the command line would, plugins'
-    options and capflow's resolvers included."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    from capflow import _hydra_bridge
-    from capflow.plugins import get_plugins
-
-    _hydra_bridge.install(get_plugins()[1])
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="capflow.conf", version_base=None):
-        yield lambda *overrides: compose(config_name="config", overrides=list(overrides))
-    GlobalHydra.instance().clear()
+    return run_cli(*args, cwd=cwd, env=env, timeout=timeout)
 
 
 @pytest.fixture(autouse=True)

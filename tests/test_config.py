@@ -22,8 +22,8 @@ def _options(group: str) -> list[str]:
 
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in _options(g)])
-def test_every_option_instantiates(hydra_compose, group, option):
-    cfg = hydra_compose(f"{group}={option}", "api_url=http://127.0.0.1:9/v1", "model_name=m")
+def test_every_option_instantiates(capflow_config, group, option):
+    cfg = capflow_config(f"{group}={option}", "api_url=http://127.0.0.1:9/v1", "model_name=m")
     storage = build(cfg.storage, Storage, "storage")
     serving = build(cfg.serving, Serving, "serving")
     steps = [build(node, Operator, name, serving=serving)
@@ -35,38 +35,38 @@ def test_every_option_instantiates(hydra_compose, group, option):
         assert steps[0].system_prompt == cfg.prompt.system
 
 
-def test_top_level_knobs_reach_the_serving(hydra_compose):
-    cfg = hydra_compose("api_url=http://127.0.0.1:9/v1", "model_name=mm", "max_workers=33",
+def test_top_level_knobs_reach_the_serving(capflow_config):
+    cfg = capflow_config("api_url=http://127.0.0.1:9/v1", "model_name=mm", "max_workers=33",
                         "timeout=7", "key_name_of_api_key=SOME_KEY")
     serving = build(cfg.serving, Serving, "serving")
     assert (serving.api_url, serving.model_name, serving.max_workers, serving.timeout,
             serving.key_name_of_api_key) == ("http://127.0.0.1:9/v1", "mm", 33, 7.0, "SOME_KEY")
 
 
-def test_default_input_is_the_bundled_sample(hydra_compose):
-    cfg = hydra_compose()
+def test_default_input_is_the_bundled_sample(capflow_config):
+    cfg = capflow_config()
     assert cfg.input.endswith("sample/sample_data.json")
     assert resources.files("capflow.data").joinpath("sample/sample_data.json").is_file()
 
 
-def test_a_node_of_the_wrong_kind_is_a_clear_error(hydra_compose):
-    cfg = hydra_compose("serving._target_=capflow.storage.FileStorage",
+def test_a_node_of_the_wrong_kind_is_a_clear_error(capflow_config):
+    cfg = capflow_config("serving._target_=capflow.storage.FileStorage",
                         "+serving.first_entry_file_name=x")
     with pytest.raises(ConfigError, match="is not a capflow Serving"):
         build(cfg.serving, Serving, "serving")
 
 
-def test_bad_values_are_clear_errors(hydra_compose):
-    cfg = hydra_compose("max_workers=0", "api_url=http://127.0.0.1:9/v1")
+def test_bad_values_are_clear_errors(capflow_config):
+    cfg = capflow_config("max_workers=0", "api_url=http://127.0.0.1:9/v1")
     with pytest.raises(ConfigError, match="max_workers must be at least 1"):
         build(cfg.serving, Serving, "serving")
-    cfg = hydra_compose("storage.cache_type=csv")
+    cfg = capflow_config("storage.cache_type=csv")
     with pytest.raises(ConfigError, match="cache_type must be one of"):
         build(cfg.storage, Storage, "storage")
 
 
-def test_an_unknown_target_is_a_clear_error(hydra_compose):
-    cfg = hydra_compose("serving._target_=capflow_nope.Missing")
+def test_an_unknown_target_is_a_clear_error(capflow_config):
+    cfg = capflow_config("serving._target_=capflow_nope.Missing")
     with pytest.raises(ConfigError, match="cannot import _target_ capflow_nope.Missing"):
         build(cfg.serving, Serving, "serving")
 
@@ -86,13 +86,13 @@ def _leaf_keys(node, prefix: str = "") -> list[str]:  # noqa: ANN001 - a DictCon
     return keys
 
 
-def test_the_command_line_check_knows_every_key_and_option(hydra_compose):
+def test_the_command_line_check_knows_every_key_and_option(capflow_config):
     # capflow.mistakes reads the YAML files rather than composing: it must never refuse what
     # Hydra takes, whatever keys conf/ gains.
     from capflow.mistakes import check
 
     registry = get_plugins()[1]
-    cfg = hydra_compose()
+    cfg = capflow_config()
     keys = _leaf_keys(cfg)
     assert {"max_workers", "serving.temperature", "image.max_side", "pipeline.steps.caption"
             ".image_io", "prompt.system"} <= set(keys)
@@ -102,6 +102,6 @@ def test_the_command_line_check_knows_every_key_and_option(hydra_compose):
     for group in GROUPS:
         for option in _options(group):
             assert check([f"{group}={option}"], registry) is None, (group, option)
-            cfg = hydra_compose(f"{group}={option}")
+            cfg = capflow_config(f"{group}={option}")
             for key in _leaf_keys(cfg[group], f"{group}."):
                 assert check([f"{group}={option}", f"{key}=1"], registry) is None, key

@@ -368,21 +368,21 @@ def _image_io(cfg) -> ImagePreparer:
     return step.image_io
 
 
-def test_the_cache_options_reach_the_preparer(hydra_compose, tmp_path):
-    default = _image_io(hydra_compose()).image_cache
+def test_the_cache_options_reach_the_preparer(capflow_config, tmp_path):
+    default = _image_io(capflow_config()).image_cache
     assert default is not None and default.max_bytes == 2_000_000_000
     assert default.path == Path("cache_local", "images.sqlite").absolute()
-    beside = _image_io(hydra_compose("storage.cache_path=steps")).image_cache
+    beside = _image_io(capflow_config("storage.cache_path=steps")).image_cache
     assert beside is not None and beside.path == Path("steps", "images.sqlite").absolute()
-    moved = _image_io(hydra_compose(f"image.cache_path={tmp_path / 'i.sqlite'}",
+    moved = _image_io(capflow_config(f"image.cache_path={tmp_path / 'i.sqlite'}",
                                     "image.cache_max_bytes=12345")).image_cache
     assert moved is not None and (moved.path, moved.max_bytes) == (tmp_path / "i.sqlite", 12345)
-    assert _image_io(hydra_compose("image.cache=false")).image_cache is None
-    assert _image_io(hydra_compose("image.cache_path=null")).image_cache is None
+    assert _image_io(capflow_config("image.cache=false")).image_cache is None
+    assert _image_io(capflow_config("image.cache_path=null")).image_cache is None
     # It follows the response cache: moved with it, and none where that has no file.
-    follows = _image_io(hydra_compose(f"cache.path={tmp_path / 'r' / 'x.sqlite'}")).image_cache
+    follows = _image_io(capflow_config(f"cache.path={tmp_path / 'r' / 'x.sqlite'}")).image_cache
     assert follows is not None and follows.path == tmp_path / "r" / "images.sqlite"
-    assert _image_io(hydra_compose("cache.path=null")).image_cache is None
+    assert _image_io(capflow_config("cache.path=null")).image_cache is None
 
 
 # --- the console script: a sweep, then another run ---------------------------------------------

@@ -319,6 +319,11 @@ class FakeOpenAIServer:
                 "faults": {k: self._fault_counts[k] for k in FAULT_KINDS},
             }
 
+    def set_faults(self, seed: int = 0, **rates: float) -> None:
+        """Inject faults from now on: ``set_faults(rate_500=0.1, rate_bad_json=0.3)`` (the
+        ``FaultConfig`` fields); no rates: none."""
+        self.faults = FaultInjector(FaultConfig(seed=seed, **rates))
+
     def reset(self) -> None:
         """Clear records and counters and restart the fault sequence."""
         with self._lock:
