@@ -40,6 +40,7 @@ def build(node: DictConfig, base: type, where: str, **kwargs: Any) -> Any:
         raise ConfigError(f"{where}: cannot import _target_ {node._target_}") from None
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ConfigError(f"{where}: {node._target_} is not a capflow {base.__name__}")
+    _check_registered(cls, base, where, node._target_)
     try:
         obj = instantiate(node, **kwargs, _convert_="all")
     except InstantiationException as exc:
@@ -49,6 +50,19 @@ def build(node: DictConfig, base: type, where: str, **kwargs: Any) -> Any:
         reason = str(cause) if cause else str(exc).splitlines()[0]
         raise ConfigError(f"{where} ({node._target_}) could not be built: {reason}") from None
     return obj
+
+
+def _check_registered(cls: type, base: type, where: str, target: str) -> None:
+    """What a run builds must come from an enabled plugin: a class no plugin registered (or one
+    of a plugin switched off) is a configuration error, not something run anyway."""
+    from capflow.plugins import get_plugins
+
+    if get_plugins()[1].registers(cls):
+        return
+    kind = base.__name__.lower()
+    raise ConfigError(f"{where}: {target} is not registered by any enabled plugin (a plugin"
+                      f" registers it with the capflow_register_{kind}s hook; capflow plugins"
+                      " lists what is registered)")
 
 
 def _in_job_dir(path: str | None) -> str | None:

@@ -160,6 +160,7 @@ class _Step:
         self.began = time.perf_counter()
         self.output_spent: dict[str, float] = {}  # what building the output cost, all runs
         self.committed_spent: dict[str, float] = {}  # what this run's commits have counted
+        self.taken: dict[int, float] = {}  # rows in progress: when each was taken in
 
     def fingerprint(self) -> str:
         what = [self.storage.input_identity(), self.op.describe(), self.serving_key]
@@ -275,6 +276,7 @@ class _Step:
             run=RunInfo(
                 self.storage.input_name, self.storage.output_name, type(self.op).__name__,
                 type(self.serving).__name__, total, self.dry_run,
+                dict(settings.run_context.config) if settings.run_context else {},
             )
         )
         self.progress = Progress(total, enabled=settings.progress,
@@ -345,6 +347,7 @@ class _Step:
                         self.spawn(self.prepare_batch(prep, batch))
                         batch = []
                     await self.active.acquire()
+                    self.taken[row.index] = time.monotonic()
                     if row.error or self.failed_earlier(row):  # nothing to prepare
                         self.spawn(self.process(row, None), row=True)
                         continue
@@ -385,12 +388,14 @@ class _Step:
 
     async def process(self, row: Row, prepared: Request | Exception | None) -> None:
         summary = self.summary
+        trace = _Trace(self.taken.pop(row.index, None))
+        finish = functools.partial(self.finish, trace=trace)
         try:
             if row.error:
                 raise RowError("BadRow", row.error)
             if self.failed_earlier(row):
                 # Failed in an earlier step: it stays failed, with that step's error record.
-                self.finish(row, error=row.data[ERROR_KEY])
+                finish(row, error=row.data[ERROR_KEY])
                 return
             if isinstance(prepared, Exception):
                 raise prepared
@@ -400,6 +405,7 @@ class _Step:
             summary.image_bytes += request.image_bytes
             key = request_key(request, self.serving_key) if self.cache else None
             response = self.cache.get(key) if key else None
+            trace.cached = response is not None
             if self.dry_run:
                 summary.image_tokens += request.image_tokens
                 if row.index < _SHOWN_ESTIMATES:
@@ -410,16 +416,18 @@ class _Step:
                 if summary.example is None or row.index < self.example_index:
                     summary.example, self.example_index = request.messages, row.index
                 summary.requests += response is None
-                self.finish(row, fields={})
+                finish(row, fields={})
                 return
             reasks = 0
             while True:
                 fresh = response is None
                 if response is None:
                     response = await self.settings.retry.call(
-                        functools.partial(self.sender.send, row=row.index), request,
+                        functools.partial(trace.send, self.sender.send, row.index), request,
                         self.count_retry, self.pause,
                     )
+                else:
+                    trace.cached = True
                 try:
                     check_answer(response, self.settings.accept_truncated)
                     fields = self.op.apply(row, response)
@@ -443,20 +451,20 @@ class _Step:
         except Stopped:
             return
         except RowError as exc:
-            self.finish(row, error=exc.record())
+            finish(row, error=exc.record())
             return
         except ServingError as exc:
-            self.finish(row, error={"type": exc.kind, "message": clean_message(exc),
+            finish(row, error={"type": exc.kind, "message": clean_message(exc),
                                     "stage": "request"})
             return
         except Exception as exc:  # a bug in an operator or serving must not end the run
-            self.finish(row, error={"type": type(exc).__name__, "message": clean_message(exc),
+            finish(row, error={"type": type(exc).__name__, "message": clean_message(exc),
                                     "stage": "request"})
             return
         try:
-            self.finish(row, fields=fields)
+            finish(row, fields=fields)
         except (TypeError, ValueError) as exc:  # fields that cannot be written as JSON
-            self.finish(row, error={"type": "BadOutput", "message": str(exc), "stage": "apply"})
+            finish(row, error={"type": "BadOutput", "message": str(exc), "stage": "apply"})
 
     def cache_answer(self, key: str, response: Response) -> None:
         """Keep an answer for reruns: a whole one, or one cut off at the token limit (a larger
@@ -475,7 +483,8 @@ class _Step:
         if self.summary.stopped:
             raise Stopped
 
-    def finish(self, row: Row, *, fields: dict | None = None, error: dict | None = None) -> None:
+    def finish(self, row: Row, *, fields: dict | None = None, error: dict | None = None,
+               trace: _Trace | None = None) -> None:
         """Count a finished row and queue it for the next journal commit."""
         summary = self.summary
         # The line is made first: a row is counted only once it can be written.
@@ -495,7 +504,11 @@ class _Step:
             return
         self.pending.append((row.index, error is None, line))
         self.wake_writer.set()
-        self.hook.capflow_row_finished(result=RowResult(row.index, line, error))
+        result = RowResult(row.index, line, error)
+        if trace is not None:
+            result.queued, result.sent, result.answered = trace.queued, trace.sent, trace.answered
+            result.attempts, result.cached = trace.attempts, trace.cached
+        self.hook.capflow_row_finished(result=result)
 
     async def write_loop(self) -> None:
         # Group commit: rows finishing within a few milliseconds share one transaction.
@@ -606,3 +619,25 @@ class _JournalLines:
 
     def __iter__(self) -> Iterator[str]:
         return self.journal.lines()
+
+
+class _Trace:
+    """One row's way through the sending, for observers (``RowResult``)."""
+
+    __slots__ = ("answered", "attempts", "cached", "queued", "sent")
+
+    def __init__(self, queued: float | None) -> None:
+        self.queued = queued
+        self.sent: float | None = None
+        self.answered: float | None = None
+        self.attempts = 0
+        self.cached = False
+
+    async def send(self, send: Any, row: int, request: Request) -> Response:
+        """``send(request, row=row)``, timed and counted."""
+        self.attempts += 1
+        if self.sent is None:
+            self.sent = time.monotonic()
+        response = await send(request, row=row)
+        self.answered = time.monotonic()
+        return response

@@ -91,14 +91,16 @@ def capflow_register_config(config: ConfigRegistry) -> None:
 def capflow_run_start(run: RunInfo) -> None:
     """Observe the start of an operator run over one storage step.
 
-    :param run: what is about to run: the step's input and output, the operator, the serving
-        and the number of rows (``None`` when it is not known in advance).
+    :param run: what is about to run: the step's input and output, the operator, the serving,
+        the number of rows (``None`` when it is not known in advance) and ``config``, the
+        composed config of a command-line run (resolved, no secrets in it).
 
     Example::
 
         @hookimpl
         def capflow_run_start(run):
             print(f"captioning {run.input} -> {run.output}")
+            print("model:", run.config.get("model_name"))
     """
 
 
@@ -111,7 +113,10 @@ def capflow_row_finished(result: RowResult) -> None:
 
     Called on the event loop that keeps requests in flight: keep it quick.
 
-    :param result: the row's index, its output row, and the error record when it failed.
+    :param result: the row's index, its output row, the error record when it failed, and how
+        it went: ``queued``, ``sent`` and ``answered`` (``time.monotonic()`` seconds; None when
+        nothing was sent or no answer came), ``attempts`` (its requests, retries included) and
+        ``cached`` (the response cache answered).
 
     Example::
 
@@ -119,6 +124,8 @@ def capflow_row_finished(result: RowResult) -> None:
         def capflow_row_finished(result):
             if result.error:
                 metrics.increment("capflow.failed", tags=[result.error["type"]])
+            if result.sent is not None:
+                metrics.timing("capflow.latency", result.answered - result.sent)
     """
 
 

@@ -106,6 +106,11 @@ class PluginRegistry:
             known = ", ".join(sorted(self.components[kind])) or "none"
             raise PluginError(f"no {kind} named {name!r} (installed: {known})") from None
 
+    def registers(self, cls: type) -> bool:
+        """Whether an enabled plugin (capflow's own included) registered ``cls``."""
+        return any(cls is known for kind in self.components.values() for known, _ in
+                   kind.values())
+
     def provided_by(self, plugin: str) -> list[str]:
         """What one plugin provides, as ``kind name`` and ``group=option`` strings."""
         out = [

@@ -8,7 +8,11 @@ from typing import Any
 
 @dataclass(slots=True)
 class RunInfo:
-    """A run about to start over one storage step."""
+    """A run about to start over one storage step.
+
+    ``config`` is the composed config of the command line's run, resolved, with no secret in
+    it (keys live in the environment); empty when the run was started from Python.
+    """
 
     input: str
     output: str
@@ -16,15 +20,27 @@ class RunInfo:
     serving: str
     rows: int | None
     dry_run: bool
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
 class RowResult:
-    """One finished row: ``error`` is the error record when it failed, else None."""
+    """One finished row: ``error`` is the error record when it failed, else None.
+
+    Times are ``time.monotonic()`` seconds: ``queued`` when the row was taken in, ``sent`` when
+    its first request went out and ``answered`` when its answer came (None when nothing was
+    sent, or no answer came). ``attempts`` counts its requests (retries and re-asks included);
+    ``cached`` is True when the response cache answered it.
+    """
 
     index: int
     line: str
     error: dict[str, str] | None = None
+    queued: float | None = None
+    sent: float | None = None
+    answered: float | None = None
+    attempts: int = 0
+    cached: bool = False
 
 
 @dataclass

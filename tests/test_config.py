@@ -8,7 +8,7 @@ import pytest
 
 from capflow.app import build
 from capflow.errors import ConfigError
-from capflow.operators import Operator
+from capflow.operators import Operator, PromptedVQAGenerator
 from capflow.plugins import get_plugins
 from capflow.serving import Serving
 from capflow.storage import Storage
@@ -69,6 +69,19 @@ def test_an_unknown_target_is_a_clear_error(capflow_config):
     cfg = capflow_config("serving._target_=capflow_nope.Missing")
     with pytest.raises(ConfigError, match="cannot import _target_ capflow_nope.Missing"):
         build(cfg.serving, Serving, "serving")
+
+
+class Unregistered(PromptedVQAGenerator):
+    """An operator no plugin registered."""
+
+
+def test_a_class_no_plugin_registered_is_a_configuration_error(capflow_config):
+    cfg = capflow_config("pipeline.steps.caption._target_=test_config.Unregistered")
+    with pytest.raises(ConfigError, match=r"^pipeline.steps.caption: test_config.Unregistered"
+                                          r" is not registered by any enabled plugin \(a plugin"
+                                          r" registers it with the capflow_register_operators"):
+        build(cfg.pipeline.steps.caption, Operator, "pipeline.steps.caption",
+              serving=build(cfg.serving, Serving, "serving"))
 
 
 def _leaf_keys(node, prefix: str = "") -> list[str]:  # noqa: ANN001 - a DictConfig

@@ -75,3 +75,75 @@ def test_a_failing_observer_never_stops_the_run(server, tmp_path, caplog):
     assert summary.done == 5 and observer.calls == 1
     assert ("plugin 'broken-observer' failed in capflow_row_finished (RuntimeError: observer bug)"
             in caplog.text)
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.config: dict | None = None
+        self.rows: list = []
+
+    @hookimpl
+    def capflow_run_start(self, run):
+        self.config = run.config
+
+    @hookimpl
+    def capflow_row_finished(self, result):
+        self.rows.append(result)
+
+
+def test_observers_get_the_config_and_each_rows_timing(tmp_path):
+    from capflow.manifest import RunContext
+    from capflow.retry import RetryPolicy
+    from capflow.testing.server import FakeOpenAIServer
+
+    data, _ = make_dataset(tmp_path, 3)
+    timer = Timer()
+    pm = get_plugin_manager()
+    pm.register(timer, name="test-timer")
+
+    def run(output: str, **settings):  # noqa: ANN003, ANN202
+        storage = FileStorage(str(data), cache_path=str(tmp_path / "c"))
+        op = PromptedVQAGenerator(OpenAIServing(api_url=server.base_url, model_name="m"),
+                                  output_answer_key="caption")
+        return op.run(storage.step(output=str(tmp_path / output)), settings=EngineSettings(
+            report=False, cache_path=str(tmp_path / "c" / "r.sqlite"), **settings))
+
+    try:
+        with FakeOpenAIServer(latency=0.05) as server:
+            server.set_faults(rate_500=1.0)
+            failed = run("a.jsonl", adaptive=False, run_context=RunContext(
+                config={"model_name": "m", "max_workers": 3}),
+                retry=RetryPolicy(max_attempts=2, initial_wait=0.01, max_wait=0.01))
+            server.set_faults()
+            done = run("a.jsonl")
+            cached = run("b.jsonl")
+    finally:
+        pm.unregister(name="test-timer")
+    assert timer.config == {}  # the last run came from Python, without a config
+    assert (failed.failed, done.done, cached.done) == (3, 3, 3)
+    rows = timer.rows
+    for r in rows[:3]:  # two tries each, neither answered
+        assert (r.attempts, r.cached, r.error["type"]) == (2, False, "ServerError")
+        assert r.queued <= r.sent and r.answered is None  # a 500 is no answer
+    for r in rows[3:6]:  # answered after the server's 50 ms
+        assert (r.attempts, r.cached, r.error) == (1, False, None)
+        assert r.queued <= r.sent < r.answered and r.answered - r.sent >= 0.05
+    for r in rows[6:]:  # from the cache: nothing sent
+        assert (r.attempts, r.cached, r.sent, r.answered) == (0, True, None, None)
+
+
+def test_observers_get_the_command_lines_config(tmp_path):
+    from capflow.manifest import RunContext
+
+    data, _ = make_dataset(tmp_path, 1)
+    timer = Timer()
+    pm = get_plugin_manager()
+    pm.register(timer, name="test-timer")
+    try:
+        op = PromptedVQAGenerator(OpenAIServing(api_url=None), output_answer_key="caption")
+        op.run(FileStorage(str(data), cache_path=str(tmp_path / "c")).step(), dry_run=True,
+               settings=EngineSettings(report=False, run_context=RunContext(
+                   config={"model_name": "m", "max_workers": 3})))
+    finally:
+        pm.unregister(name="test-timer")
+    assert timer.config == {"model_name": "m", "max_workers": 3}
