@@ -1,6 +1,7 @@
-"""Test fixture: adds ``serving=echo`` as a typed config node (no YAML, no serving of its own:
-it reuses ``capflow_echo.EchoServing`` with another prefix), and implements the observer hooks,
-appending one JSON line per call to the file named by ``CAPFLOW_FIXTURE_EVENTS``."""
+"""Test fixture: adds ``serving=echo`` as a typed config node (no YAML, no serving class of its
+own: it registers and reuses ``capflow_echo.EchoServing`` with another prefix, since a run only
+builds registered classes), and implements the observer hooks, appending one JSON line per call
+to the file named by ``CAPFLOW_FIXTURE_EVENTS``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,13 @@ def _log(event: dict) -> None:
     if path:
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(event) + "\n")
+
+
+@hookimpl
+def capflow_register_servings(register):  # noqa: ANN001
+    from capflow_echo import EchoServing
+
+    register("echonode", EchoServing)
 
 
 @hookimpl
