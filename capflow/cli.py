@@ -55,6 +55,8 @@ def main() -> None:
     except CapflowError as exc:
         print(f"capflow: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
+    for line in registry.broken_lines():  # the others run: say so once, by name
+        print(f"capflow: warning: {line}", file=sys.stderr)
     if "--help" in argv or "-h" in argv:  # capflow's own, built from the YAML: no Hydra
         sys.exit(_help_command(registry))
     from capflow import mistakes, option_files
@@ -67,6 +69,8 @@ def main() -> None:
     sys.argv[1:] = argv  # Hydra reads the options by the names given to the files
     problem = mistakes.check(argv, registry)
     if problem:
+        if registry.broken:  # what is unknown may be what the plugin left out provides
+            problem += f" (plugins not loaded: {', '.join(sorted(registry.broken))})"
         print(f"capflow: error: {problem}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
 
@@ -204,6 +208,8 @@ def _plugins_command() -> int:
         print(f"{name} ({origin})")
         for item in provided:
             print(f"    {item}")
+    for name, why in sorted(registry.broken.items()):
+        print(f"{name} (not loaded: {why})")
     builtin_options = registry.provided_by("capflow")
     print("capflow config (built-in)")
     for item in builtin_options:

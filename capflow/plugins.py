@@ -81,6 +81,8 @@ class PluginRegistry:
     options: dict[tuple[str, str], str] = field(default_factory=dict)
     search_paths: list[str] = field(default_factory=list)
     nodes: list[tuple[str, str, Any]] = field(default_factory=list)
+    # Plugins that could not be imported, by name: why (they are left out of the run).
+    broken: dict[str, str] = field(default_factory=dict)
 
     def _add_component(self, kind: str, name: str, cls: type, plugin: str) -> None:
         known = self.components[kind]
@@ -110,6 +112,11 @@ class PluginRegistry:
         """Whether an enabled plugin (capflow's own included) registered ``cls``."""
         return any(cls is known for kind in self.components.values() for known, _ in
                    kind.values())
+
+    def broken_lines(self) -> list[str]:
+        """One line per plugin that could not be loaded."""
+        return [f"plugin {name!r} could not be loaded and is left out ({why})"
+                for name, why in sorted(self.broken.items())]
 
     def provided_by(self, plugin: str) -> list[str]:
         """What one plugin provides, as ``kind name`` and ``group=option`` strings."""
@@ -151,12 +158,10 @@ def load_plugins() -> tuple[pluggy.PluginManager, PluginRegistry]:
     disabled = _disabled()
     for name in disabled:
         pm.set_blocked(name)
+    broken: dict[str, str] = {}
     if "all" not in disabled:
         _check_entry_point_names()
-        try:
-            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        except pluggy.PluginValidationError as exc:
-            raise PluginError(_invalid(pm, exc)) from None
+        broken = _load_entry_points(pm)
     for module_name in DEFAULT_PLUGINS:
         if module_name not in disabled:
             _register(pm, __import__(module_name, fromlist=["_"]), module_name)
@@ -165,7 +170,7 @@ def load_plugins() -> tuple[pluggy.PluginManager, PluginRegistry]:
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"{_invalid(pm, exc)} (misspelt hook name?)") from None
 
-    registry = PluginRegistry()
+    registry = PluginRegistry(broken=broken)
     # The built-in YAML tree is Hydra's primary config; record its options under "capflow".
     for group, name in _options_in_tree(BUILTIN_CONFIG):
         registry._add_option(group, name, "capflow")
@@ -176,6 +181,33 @@ def load_plugins() -> tuple[pluggy.PluginManager, PluginRegistry]:
     for impl in pm.hook.capflow_register_config.get_hookimpls():
         _call(impl, ConfigRegistry(registry, impl.plugin_name))
     return pm, registry
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> dict[str, str]:
+    """Load each entry-point plugin on its own: one that cannot even be imported is left out
+    (and returned, by name, with why) while the others load; an invalid one is an error."""
+    broken: dict[str, str] = {}
+    names = sorted({ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)})
+    for name in names:
+        if pm.is_blocked(name) or pm.get_plugin(name) is not None:
+            continue
+        try:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(_invalid(pm, exc)) from None
+        except Exception as exc:  # its import failed: a missing dependency, a bug
+            dist = _distribution_of(name)
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+            broken[name] = f"{dist}: {reason[:300]}" if dist else reason[:300]
+    return broken
+
+
+def _distribution_of(entry_point: str) -> str | None:
+    for dist in metadata.distributions():
+        if any(ep.group == ENTRY_POINT_GROUP and ep.name == entry_point
+               for ep in dist.entry_points):
+            return f"{dist.metadata['Name']} {dist.version}"
+    return None
 
 
 def _call(impl: Any, registry: object) -> None:

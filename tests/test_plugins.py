@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ECHO_SOURCE = ROOT / "plugins" / "capflow-echo"
 FIXTURES = Path(__file__).resolve().parent / "plugin_fixtures"
 # Entry-point names of the plugin packages installed into the shared --target folder and venv.
-THIRD_PARTY = ("echo", "echoclash", "echonode", "misspelt")
+THIRD_PARTY = ("echo", "echoclash", "echonode", "misspelt", "broken")
 FIXTURE_MODULES = ("capflow_echo", "capflow_echo_clash", "capflow_echo_node", "capflow_misspelt",
-                   "capflow_echo_twin")
+                   "capflow_echo_twin", "capflow_broken")
 QUESTION = "Generate detailed captions based on image content."  # make_dataset's question
 ECHO_CAPTION = f"echo: {QUESTION} (1 images)"  # capflow-echo's answer for a one-image row
 NODE_CAPTION = f"node: {QUESTION} (1 images)"  # the same serving through capflow-echo-node
@@ -177,7 +177,8 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def plugin_dir(tmp_path_factory: pytest.TempPathFactory, sources: dict[str, Path]) -> Path:
     """A folder with capflow-echo and the clashing/misspelt fixture plugins pip-installed."""
     target = tmp_path_factory.mktemp("site")
-    names = ("capflow-echo", "capflow-echo-clash", "capflow-echo-node", "capflow-misspelt")
+    names = ("capflow-echo", "capflow-echo-clash", "capflow-echo-node", "capflow-misspelt",
+             "capflow-broken")
     checked(run(sys.executable, "-m", "pip", "install", *PIP_FLAGS, "--target", target,
                 *(sources[n] for n in names), cwd=target))
     return target
@@ -193,7 +194,8 @@ def echo_venv(tmp_path_factory: pytest.TempPathFactory, sources: dict[str, Path]
 def clash_venv(tmp_path_factory: pytest.TempPathFactory, sources: dict[str, Path]) -> Venv:
     """A venv with capflow-echo and the clashing and misspelt fixture plugins installed."""
     venv = make_venv(tmp_path_factory.mktemp("clash-venv") / "venv", sources["capflow-cli"])
-    names = ("capflow-echo", "capflow-echo-clash", "capflow-echo-node", "capflow-misspelt")
+    names = ("capflow-echo", "capflow-echo-clash", "capflow-echo-node", "capflow-misspelt",
+             "capflow-broken")
     venv.pip("install", *PIP_FLAGS, *(sources[n] for n in names))
     return venv
 
@@ -266,6 +268,17 @@ def test_disabling_one_plugin_switches_off_only_that_one(on_path):
     assert registry.components["serving"] == {
         "openai": registry.components["serving"]["openai"],
         "echonode": (echo_serving, "echonode")}
+
+
+def test_a_plugin_that_fails_to_import_is_left_out_by_name(on_path):
+    on_path.setenv("CAPFLOW_DISABLE_PLUGINS", only("echo", "broken"))
+    pm, registry = load_plugins()
+    assert pm.get_plugin("echo") is sys.modules["capflow_echo"]  # the others load
+    assert registry.broken == {"broken": "capflow-broken 0.1.0: ImportError: No module named"
+                                         " 'capflow_broken_dependency'"}
+    assert registry.broken_lines() == [
+        "plugin 'broken' could not be loaded and is left out (capflow-broken 0.1.0:"
+        " ImportError: No module named 'capflow_broken_dependency')"]
 
 
 def test_disable_all_switches_off_every_third_party_plugin_but_no_builtin(on_path):
@@ -446,3 +459,24 @@ def test_rows_skipped_on_resume_are_only_counted(clash_venv, dataset, tmp_path):
     assert events[-1] == {"hook": "run_end", "done": 0, "failed": 0, "skipped": N_ROWS,
                           "rows": N_ROWS}
     assert not [e for e in events if e["hook"] == "row_finished"]
+
+
+def test_console_script_runs_on_without_a_plugin_that_fails_to_import(clash_venv, dataset,
+                                                                      tmp_path):
+    out = tmp_path / "out.jsonl"
+    disable = only("echo", "broken")
+    result = clash_venv.capflow("serving=echo", f"input={dataset[0]}", f"output={out}",
+                                cwd=tmp_path, disable=disable)
+    assert result.returncode == 0, result.stderr
+    assert [r["caption"] for r in read_rows(out)] == [ECHO_CAPTION] * N_ROWS
+    warnings = [line for line in result.stderr.splitlines() if "broken" in line]
+    assert warnings == ["capflow: warning: plugin 'broken' could not be loaded and is left out"
+                        " (capflow-broken 0.1.0: ImportError: No module named"
+                        " 'capflow_broken_dependency')"]
+    listed = checked(clash_venv.capflow("plugins", cwd=tmp_path, disable=disable)).stdout
+    assert "broken (not loaded: capflow-broken 0.1.0: ImportError: No module named" in listed
+    # A run that needs what the plugin would have provided says which plugin is missing.
+    needs = clash_venv.capflow("serving=brokenthing", f"input={dataset[0]}", cwd=tmp_path,
+                               disable=disable)
+    assert needs.returncode == 2
+    assert needs.stderr.strip().splitlines()[-1].endswith("(plugins not loaded: broken)")
