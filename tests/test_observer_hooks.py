@@ -147,3 +147,69 @@ def test_observers_get_the_command_lines_config(tmp_path):
     finally:
         pm.unregister(name="test-timer")
     assert timer.config == {"model_name": "m", "max_workers": 3}
+
+
+def test_observers_are_called_in_pluggys_order_wrappers_included(server, tmp_path, caplog):
+    calls: list[str] = []
+
+    class Plain:
+        @hookimpl
+        def capflow_run_end(self, summary):
+            calls.append("plain")
+
+    class First:
+        @hookimpl(tryfirst=True)
+        def capflow_run_end(self, summary):
+            calls.append("tryfirst")
+
+    class Last:
+        @hookimpl(trylast=True)
+        def capflow_run_end(self, summary):
+            calls.append("trylast")
+
+    class Failing:
+        @hookimpl
+        def capflow_run_end(self, summary):
+            calls.append("failing")
+            raise RuntimeError("observer bug")
+
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def capflow_run_end(self, summary):
+            calls.append("wrapper before")
+            result = yield
+            calls.append(f"wrapper after ({summary.rows} rows)")
+            return result
+
+    observers = {"trylast": Last(), "plain": Plain(), "failing": Failing(), "tryfirst": First(),
+                 "wrapper": Wrapper()}
+    data, _ = make_dataset(tmp_path, 2)
+    pm = get_plugin_manager()
+    for name, observer in observers.items():
+        pm.register(observer, name=f"order-{name}")
+    try:
+        for _ in range(2):  # a failing observer is skipped for the rest of a run, not forever
+            op = PromptedVQAGenerator(OpenAIServing(api_url=server.base_url, model_name="m"),
+                                      output_answer_key="caption")
+            op.run(FileStorage(str(data), cache_path=str(tmp_path / "c")).step(),
+                   settings=EngineSettings(report=False))
+    finally:
+        for name in observers:
+            pm.unregister(name=f"order-{name}")
+    # pluggy's order: wrappers around all; tryfirst first; then the latest registered first.
+    once = ["wrapper before", "tryfirst", "failing", "plain", "trylast", "wrapper after (2 rows)"]
+    assert calls == once + once
+    assert caplog.text.count("plugin 'order-failing' failed in capflow_run_end") == 2
+
+
+def test_capflow_trace_plugins_prints_every_hook_call(tmp_path):
+    from conftest import run_capflow
+
+    data, _ = make_dataset(tmp_path, 1)
+    traced = run_capflow(f"input={data}", "dry_run=true", cwd=tmp_path,
+                         env={"CAPFLOW_TRACE_PLUGINS": "1"})
+    assert traced.returncode == 0, traced.stderr
+    assert "[capflow trace]   capflow_run_start [hook]" in traced.stderr
+    assert "[capflow trace]   capflow_run_end [hook]" in traced.stderr
+    quiet = run_capflow(f"input={data}", "dry_run=true", cwd=tmp_path)
+    assert "[capflow trace]" not in quiet.stderr
