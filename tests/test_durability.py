@@ -33,7 +33,7 @@ def test_kill_9_keeps_finished_rows_and_rerun_completes(tmp_path):
     out = tmp_path / "out.jsonl"
     journal = tmp_path / "out.jsonl.journal.sqlite"
     workers = 4
-    with FakeOpenAIServer(latency=0.2) as server:
+    with FakeOpenAIServer(latency=0.1) as server:
         args = [CAPFLOW, f"input={data}", f"output={out}", f"api_url={server.base_url}",
                 "model_name=m", f"max_workers={workers}"]
         proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL,
