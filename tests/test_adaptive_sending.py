@@ -90,7 +90,7 @@ def test_an_outage_in_the_middle_of_a_run_is_ridden_out(tmp_path):
             while server.stats()["responses_ok"] < 30:
                 time.sleep(0.01)
             server.failure = (503, "upstream unavailable")
-            time.sleep(3.0)
+            time.sleep(1.5)
             server.failure = None
 
         thread = threading.Thread(target=outage)
