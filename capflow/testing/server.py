@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import signal
 import sys
 import threading
@@ -30,6 +29,7 @@ from urllib.parse import unquote_to_bytes
 from aiohttp import web
 from PIL import Image, ImageStat
 
+from capflow.testing.fake_answers import asked_schema, fake_object
 from capflow.testing.faults import (
     FAULT_KINDS,
     FaultConfig,
@@ -183,53 +183,6 @@ def _parse_messages(messages: list[Any], rec: RecordedRequest) -> list[str]:
                 raise _ApiError(400, f"Invalid content part in messages[{i}].")
     rec.system = "\n".join(system) if system else None
     return urls
-
-
-_SCHEMA_IN_PROMPT = re.compile(r"JSON Schema:\s*(\{.*\})", re.S)
-
-
-def _asked_schema(rec: RecordedRequest) -> dict[str, Any] | None:
-    """The JSON Schema a request asks its answer to match: ``response_format``'s, else one
-    stated in the system prompt (``... JSON Schema: {...}``); ``{}`` for a ``json_object``
-    request that states none; None for a plain answer."""
-    fmt = rec.params.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-        schema = (fmt.get("json_schema") or {}).get("schema")
-        if isinstance(schema, dict):
-            return schema
-    found = _SCHEMA_IN_PROMPT.search(rec.system or "")
-    if found:
-        with contextlib.suppress(ValueError):
-            return json.loads(found[1])
-    if isinstance(fmt, dict) and fmt.get("type") == "json_object":
-        return {}
-    return None
-
-
-def fake_object(schema: dict[str, Any], text: str) -> Any:
-    """A value of ``schema``'s shape built from ``text`` (the plain answer): every string is
-    ``text``, every array of strings its words, booleans true, numbers its length."""
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
-    if "enum" in schema and schema["enum"]:
-        return schema["enum"][0]
-    if kind == "object" or "properties" in schema or not schema:
-        props = schema.get("properties") or {"answer": {"type": "string"}}
-        return {name: fake_object(sub if isinstance(sub, dict) else {}, text)
-                for name, sub in props.items()}
-    if kind == "array":
-        items = schema.get("items") if isinstance(schema.get("items"), dict) else {}
-        if items.get("type", "string") == "string":
-            return text.split()
-        return [fake_object(items, text)]
-    if kind == "boolean":
-        return True
-    if kind in ("integer", "number"):
-        return len(text)
-    if kind == "null":
-        return None
-    return text
 
 
 class FakeOpenAIServer:
@@ -472,7 +425,7 @@ class FakeOpenAIServer:
 
     def _completion(self, model: str, rec: RecordedRequest, *, empty: bool) -> dict[str, Any]:
         answer = "; ".join(rec.images) if rec.images else "no image"
-        schema = _asked_schema(rec)
+        schema = asked_schema(rec.params, rec.system)
         if schema is not None:  # a structured answer: an object of the schema's shape
             answer = json.dumps(fake_object(schema, answer))
             if rec.fault == "bad_json":
