@@ -28,6 +28,9 @@ _HOMES = {
     "Serving": "capflow.serving.base",
     "Storage": "capflow.storage.base",
     "Operator": "capflow.operators.base",
+    "MapStep": "capflow.operators.map_step",
+    "DropRow": "capflow.operators.map_step",
+    "StreamingStorage": "capflow.storage.streaming",
     "Request": "capflow.request",
     "Response": "capflow.request",
     "Usage": "capflow.request",
@@ -53,7 +56,8 @@ _HOMES = {
 
 __all__ = [
     "__version__", "hookimpl",
-    "Serving", "Storage", "Operator", "Request", "Response", "Usage", "Row",
+    "Serving", "Storage", "StreamingStorage", "Operator", "MapStep", "DropRow",
+    "Request", "Response", "Usage", "Row",
     "RunInfo", "RowResult", "RunSummary",
     "CapflowError", "ConfigError", "PluginError", "RowError", "ServingError",
     "FileStorage", "OpenAIServing", "PromptedVQAGenerator", "RowFilter", "ImagePreparer",
@@ -65,6 +69,7 @@ if TYPE_CHECKING:
     from capflow.errors import CapflowError, ConfigError, PluginError, RowError, ServingError
     from capflow.images import ImagePreparer
     from capflow.operators.base import Operator
+    from capflow.operators.map_step import DropRow, MapStep
     from capflow.operators.prompted_vqa import PromptedVQAGenerator
     from capflow.operators.row_filter import RowFilter
     from capflow.request import Request, Response, Usage
@@ -74,6 +79,7 @@ if TYPE_CHECKING:
     from capflow.serving.openai import OpenAIServing
     from capflow.storage.base import Storage
     from capflow.storage.file import FileStorage
+    from capflow.storage.streaming import StreamingStorage
 
 
 def __getattr__(name: str) -> Any:

@@ -51,6 +51,13 @@ def beside(path: str | None, name: str) -> str | None:
     return os.path.join(os.path.dirname(str(path)), name)
 
 
+def image_key(_root_: Any) -> str:
+    """Where the pipelines' steps find each row's image: the storage's ``image_key`` when it
+    declares one (``${capflow.image_key:}``), else ``image``."""
+    declared = OmegaConf.select(_root_, "storage.image_key", default=None)
+    return str(declared) if declared else "image"
+
+
 def install(registry: PluginRegistry) -> None:
     """Make what the plugins provide visible to Hydra (idempotent)."""
     CapflowSearchPathPlugin.paths = list(registry.search_paths)
@@ -62,6 +69,8 @@ def install(registry: PluginRegistry) -> None:
         OmegaConf.register_new_resolver("capflow.sample", sample_dataset)
     if not OmegaConf.has_resolver("capflow.beside"):
         OmegaConf.register_new_resolver("capflow.beside", beside)
+    if not OmegaConf.has_resolver("capflow.image_key"):
+        OmegaConf.register_new_resolver("capflow.image_key", image_key)
     if not OmegaConf.has_resolver("capflow.job_dir"):
         from capflow.sweep import job_dir_name
 
@@ -215,10 +224,12 @@ def _resolve_in_place(node: Any) -> None:
     from omegaconf import Container, DictConfig
 
     keys = list(node.keys()) if isinstance(node, DictConfig) else list(range(len(node)))
+    # The ignores below: omegaconf annotates is_interpolation's key as int | str, narrower than
+    # the keys a DictConfig has (DictKeyType), which it accepts all the same.
     for key in keys:
         if OmegaConf.is_missing(node, key):
             continue
-        if OmegaConf.is_interpolation(node, key):
+        if OmegaConf.is_interpolation(node, key):  # type: ignore[arg-type]
             try:
                 value = node[key]
             except Exception:  # noqa: BLE001 - whatever it is, the text as written is shown
@@ -226,6 +237,7 @@ def _resolve_in_place(node: Any) -> None:
             if isinstance(value, str) and "${" in value:
                 continue  # an escaped interpolation: assigned back, it would become one
             node[key] = value
-        child = node[key] if not OmegaConf.is_interpolation(node, key) else None
+        interpolated = OmegaConf.is_interpolation(node, key)  # type: ignore[arg-type]
+        child = node[key] if not interpolated else None
         if isinstance(child, Container):
             _resolve_in_place(child)

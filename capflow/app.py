@@ -41,6 +41,8 @@ def build(node: DictConfig, base: type, where: str, **kwargs: Any) -> Any:
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ConfigError(f"{where}: {node._target_} is not a capflow {base.__name__}")
     _check_registered(cls, base, where, node._target_)
+    if not getattr(cls, "sends_requests", True):
+        kwargs.pop("serving", None)  # a step that sends nothing (a MapStep) is given no serving
     try:
         obj = instantiate(node, **kwargs, _convert_="all")
     except InstantiationException as exc:
@@ -75,6 +77,12 @@ def _in_job_dir(path: str | None) -> str | None:
     return str(Path(hydra.runtime.output_dir) / path)
 
 
+def _by_name(container: object) -> dict[str, Any]:
+    """A config's plain dict keyed by ``str`` (``{}`` for anything else): a config's keys are
+    names, though omegaconf types a dict's keys more widely."""
+    return {str(k): v for k, v in container.items()} if isinstance(container, dict) else {}
+
+
 def run_context(cfg: DictConfig) -> RunContext:
     """The command line, the resolved config and the plugins, for the run's manifest."""
     from capflow.plugins import get_plugin_manager
@@ -91,7 +99,7 @@ def run_context(cfg: DictConfig) -> RunContext:
 
     typed = option_files.typed_argv or sys.argv[1:]
     command = ["capflow", *(redact(arg) for arg in typed)]
-    return RunContext(command=command, config=config if isinstance(config, dict) else {},
+    return RunContext(command=command, config=_by_name(config),
                       plugins=plugins, sweep=sweep.context())
 
 
@@ -115,8 +123,10 @@ def run_job(cfg: DictConfig) -> list[RunSummary]:
     if why_dry and not dry_run:
         log.info("%s: running a dry run (nothing will be sent)", why_dry)
         dry_run = True
+    retry = OmegaConf.to_container(cfg.retry)
+    assert isinstance(retry, dict)  # retry is a config node of named fields, never a list
     settings = EngineSettings(
-        retry=RetryPolicy(**OmegaConf.to_container(cfg.retry)),
+        retry=RetryPolicy(**_by_name(retry)),
         cache_path=cfg.cache.path if cfg.cache.enabled else None,
         stop=StopRules(
             max_failures=cfg.max_failures,

@@ -256,7 +256,7 @@ class _Step:
                 self.output_spent = self.journal.spent()
             try:
                 self.output_failures = manifest.failed_by_type(self.journal.failed_lines())
-                self.storage.write(_JournalLines(self.journal))
+                self.storage.write(_JournalRows(self.journal, self.storage.rows_as))
                 self.write_failed()
             except CapflowError as exc:
                 self.stop(str(exc))
@@ -610,15 +610,18 @@ def _missing_folders(folder: Path) -> list[Path]:
     return missing
 
 
-class _JournalLines:
-    """The journal's rows as JSON text, in input order, readable more than once (a CSV output
-    reads them twice: once for its columns, once to write them)."""
+class _JournalRows:
+    """The journal's rows in input order, as dicts or as their JSON text (``Storage.rows_as``),
+    readable more than once (a CSV output reads them twice: once for its columns, once to
+    write them)."""
 
-    def __init__(self, journal: RunJournal) -> None:
+    def __init__(self, journal: RunJournal, rows_as: str) -> None:
         self.journal = journal
+        self.as_text = rows_as == "json"
 
-    def __iter__(self) -> Iterator[str]:
-        return self.journal.lines()
+    def __iter__(self) -> Iterator[Any]:
+        lines = self.journal.lines()
+        return lines if self.as_text else map(json.loads, lines)
 
 
 class _Trace:

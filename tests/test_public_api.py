@@ -12,7 +12,8 @@ import capflow
 
 PUBLIC = [
     "__version__", "hookimpl",
-    "Serving", "Storage", "Operator", "Request", "Response", "Usage", "Row",
+    "Serving", "Storage", "StreamingStorage", "Operator", "MapStep", "DropRow",
+    "Request", "Response", "Usage", "Row",
     "RunInfo", "RowResult", "RunSummary",
     "CapflowError", "ConfigError", "PluginError", "RowError", "ServingError",
     "FileStorage", "OpenAIServing", "PromptedVQAGenerator", "RowFilter", "ImagePreparer",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from capflow.errors import RowError
 from capflow.request import Request, Response
@@ -22,6 +22,9 @@ class Operator(ABC):
     engine over a storage step, as in ``op.run(storage=storage.step(), ...)``."""
 
     serving: Serving
+    #: Whether the step sends requests: those built from the config are given the ``serving``
+    #: (a ``MapStep``, which sends none, is not).
+    sends_requests: ClassVar[bool] = True
 
     @abstractmethod
     def prepare(self, row: Row, base_dir: Path) -> Request:

@@ -11,38 +11,21 @@ The step is cheap and deterministic, so it keeps no journal: a rerun filters aga
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import json
-import logging
-import os
 import re
-import tempfile
-import time
-from collections import Counter, deque
-from collections.abc import Iterator
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from capflow import templates
-from capflow.errors import ConfigError, RowError
-from capflow.operators.base import Operator
-from capflow.request import Request, Response
-from capflow.rows import Row
-from capflow.run import RunSummary
-from capflow.summary import format_summary
+from capflow.errors import ConfigError
+from capflow.operators.map_step import DROPPED_KEY, ERROR_KEY, MapStep
 
 if TYPE_CHECKING:
-    from capflow.engine import EngineSettings
     from capflow.serving.base import Serving
-    from capflow.storage.base import Storage
 
-log = logging.getLogger(__name__)
-ERROR_KEY = "_error"
-DROPPED_KEY = "_dropped"
+__all__ = ["DROPPED_KEY", "ERROR_KEY", "RowFilter"]
 
 
-class RowFilter(Operator):
+class RowFilter(MapStep):
     """Keeps the rows whose field ``key`` passes every rule set; drops the others.
 
     :param key: the field the rules look at (dotted for nested values: ``verdict.accurate``).
@@ -79,7 +62,7 @@ class RowFilter(Operator):
                               f" {exc}") from None
         self.equals = equals
         self.keep_missing = bool(keep_missing)
-        self.dropped_output = dropped_output
+        super().__init__(dropped_output=dropped_output)
         self.serving = serving  # type: ignore[assignment]
         if all(r is None for r in (self.min_length, self.max_length, self.pattern, equals)):
             raise ConfigError(f"RowFilter on {self.key!r} has no rule: set min_length,"
@@ -91,11 +74,14 @@ class RowFilter(Operator):
                 "pattern": self.pattern.pattern if self.pattern else None,
                 "equals": self.equals, "keep_missing": self.keep_missing}
 
-    def prepare(self, row: Row, base_dir: Path) -> Request:
-        raise TypeError("RowFilter sends no requests: run it with run()")
+    def apply(self, row: dict[str, Any]) -> dict[str, Any]:  # type: ignore[override]
+        return {}  # the rules are cheap: admit() applies them, in input order
 
-    def apply(self, row: Row, response: Response) -> dict[str, Any]:
-        raise TypeError("RowFilter sends no requests: run it with run()")
+    def admit(self, row: dict[str, Any]) -> str | None:
+        return self.why_dropped(row)
+
+    def dropped_record(self, reason: str) -> dict[str, Any]:
+        return {"rule": self.key, "reason": reason}
 
     def why_dropped(self, data: dict[str, Any]) -> str | None:
         """The rule ``data`` breaks, in words; None when the row is kept."""
@@ -117,106 +103,6 @@ class RowFilter(Operator):
             if not self.pattern.search(text):
                 return f"{self.key} does not match {self.pattern.pattern!r}"
         return None
-
-    def run(self, storage: Storage, *, dry_run: bool = False,
-            settings: EngineSettings | None = None, **keys: Any) -> RunSummary:
-        """Filter every row of ``storage``: the kept go to its output, the dropped to
-        ``dropped_output``, both streamed. Returns the summary (``done`` kept, ``dropped``,
-        ``failed``: rows that failed an earlier step)."""
-        from capflow.engine import record
-
-        for name, value in keys.items():
-            if not hasattr(self, name):
-                raise TypeError(f"{type(self).__name__}.run() got an unknown setting {name!r}")
-            setattr(self, name, value)
-        began = time.perf_counter()
-        started = datetime.datetime.now().astimezone()
-        storage.check()
-        dropped_path = Path(self.dropped_output or f"{storage.output_name}.dropped.jsonl")
-        summary = RunSummary(dry_run=dry_run, output=storage.output_name)
-        summary.dropped_output = str(dropped_path)
-        self._failed_types: Counter[str] = Counter()
-        if dry_run:
-            deque(self._kept(storage, summary, None), maxlen=0)  # counted, not written
-        else:
-            self._write(storage, summary, dropped_path)
-        summary.total = summary.rows
-        summary.output_ok, summary.output_failed = summary.done, summary.failed
-        summary.elapsed = time.perf_counter() - began
-        if not dry_run:
-            self._write_manifest(storage, summary, settings, started)
-        text = format_summary(summary)
-        if settings is None or settings.report:
-            print(text, flush=True)
-        record.info("%s", text)
-        return summary
-
-    def _kept(self, storage: Storage, summary: RunSummary, dropped: IO[str] | None
-              ) -> Iterator[str]:
-        """The kept rows' lines, as they are read; the dropped ones go to ``dropped``."""
-        for row in storage.read():
-            summary.rows += 1
-            error = row.data.get(ERROR_KEY)
-            if row.error or isinstance(error, dict):
-                # Failed before this step (or unreadable): kept, still failed, untouched.
-                error = error if isinstance(error, dict) else \
-                    RowError("BadRow", row.error or "").record()
-                summary.failed += 1
-                self._failed_types[str(error.get("type"))] += 1
-                if len(summary.failures) < 20:
-                    summary.failures.append((row.index, error))
-                yield row.with_fields({ERROR_KEY: error})
-                continue
-            reason = self.why_dropped(row.data)
-            if reason is None:
-                summary.done += 1
-                yield row.with_fields({})
-                continue
-            summary.dropped += 1
-            if dropped is not None:
-                dropped.write(row.with_fields({DROPPED_KEY: {"rule": self.key,
-                                                             "reason": reason}}) + "\n")
-
-    def _write(self, storage: Storage, summary: RunSummary, dropped_path: Path) -> None:
-        """Both files in one pass over the rows, each replaced atomically."""
-        try:
-            dropped_path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{dropped_path.name[:200]}.", suffix=".tmp",
-                                       dir=dropped_path.parent)
-        except OSError as exc:
-            raise ConfigError(f"cannot write the dropped rows to {dropped_path}:"
-                              f" {exc.strerror or exc}") from None
-        try:
-            with open(fd, "w", encoding="utf-8") as dropped:
-                storage.write(self._kept(storage, summary, dropped))
-                dropped.flush()
-                os.fsync(dropped.fileno())
-            os.replace(tmp, dropped_path)
-        except OSError as exc:
-            raise ConfigError(f"cannot write the dropped rows to {dropped_path}:"
-                              f" {exc.strerror or exc}") from None
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-
-    def _write_manifest(self, storage: Storage, summary: RunSummary,
-                        settings: EngineSettings | None, started: datetime.datetime) -> None:
-        """``<output>.run.json``, as every step leaves one (a sweep's comparison reads it)."""
-        from capflow import manifest
-        from capflow.engine import outputs_written
-
-        record = manifest.build(
-            summary, settings.run_context if settings else None, input_name=storage.input_name,
-            started=started, ended=datetime.datetime.now().astimezone(), this_run_failures={},
-            output_failures=dict(self._failed_types.most_common()))
-        record["dropped"] = {"rows": summary.dropped, "file": summary.dropped_output}
-        path = Path(f"{storage.output_name}{manifest.SUFFIX}")
-        outputs_written.append(storage.output_name)
-        try:
-            path.write_text(manifest.dumps(record), encoding="utf-8")
-        except OSError as exc:
-            log.warning("could not write the run's manifest %s: %s", path, exc.strerror or exc)
-
 
 def _short(value: Any) -> str:
     text = json.dumps(value, ensure_ascii=False)

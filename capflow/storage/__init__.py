@@ -2,5 +2,6 @@
 
 from capflow.storage.base import Storage
 from capflow.storage.file import FileStorage
+from capflow.storage.streaming import StreamingStorage
 
-__all__ = ["FileStorage", "Storage"]
+__all__ = ["FileStorage", "Storage", "StreamingStorage"]

@@ -48,6 +48,27 @@ def replace_atomically(
                 os.unlink(tmp)
 
 
+def replace_path_atomically(path: Path, write_to: Callable[[Path], None]) -> None:
+    """Replace ``path`` with the file ``write_to`` writes at the temporary path it is given
+    (for writers that open files themselves: Parquet, tar), atomically as above."""
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
+        _set_mode(fd, tmp, _new_file_mode(path))
+        os.close(fd)
+        write_to(Path(tmp))
+        with open(tmp, "rb") as f:  # the writer may not have synced what it wrote
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_folder(path.parent)
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
 def write_atomically(path: Path, lines: Iterable[str], *, as_array: bool = False) -> None:
     """Replace ``path`` with ``lines``, one per line (or, with ``as_array``, as the elements of
     a JSON array), so that it is the old file or the whole new one, never a mix."""

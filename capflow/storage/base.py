@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 from capflow.rows import Row
 
@@ -13,8 +14,19 @@ class Storage(ABC):
     """Reads the rows of one pipeline step and writes the step's finished rows.
 
     ``step()`` returns the view an operator runs on (the seed's ``storage.step()``); each step
-    reads what the previous one wrote.
+    reads what the previous one wrote. Most storages subclass
+    ``capflow.storage.streaming.StreamingStorage``, which implements everything here but reading
+    and writing their own format; docs/plugins.md has the whole contract.
     """
+
+    #: What ``write()`` is given: ``"dicts"``, each finished row as a dict (the contract), or
+    #: ``"json"``, each row's JSON text, which a storage of JSON text writes without parsing it
+    #: (the built-in ``FileStorage`` does).
+    rows_as: ClassVar[Literal["dicts", "json"]] = "dicts"
+
+    #: The row key holding each row's image (or list of images), when the storage knows it:
+    #: the pipelines' steps read their images from there (``storage.image_key`` in the config).
+    image_key: str | None = None
 
     @abstractmethod
     def step(self, output: str | None = None) -> Storage:
@@ -65,5 +77,13 @@ class Storage(ABC):
         """Where the engine keeps each finished row durably while the step runs."""
 
     @abstractmethod
-    def write(self, lines: Iterable[str]) -> None:
-        """Write the step's finished rows (one JSON object text each, in input order)."""
+    def write(self, rows: Iterable[Any]) -> None:
+        """Write the step's finished rows, in input order, replacing the output whole.
+
+        Each row is a dict: the input row's fields and the step's output fields (a row that
+        failed has an ``_error`` record instead), or its JSON text when ``rows_as`` is
+        ``"json"``. ``rows`` is streamed from the run's journal and can be iterated more than
+        once (a format that needs its columns before its rows reads it twice); it is called
+        once, after the step, and again by a rerun. Raise ``capflow.errors.CapflowError`` with
+        a one-line message when the output cannot be written: the rows stay in the journal.
+        """

@@ -66,6 +66,9 @@ class FileStorage(Storage):
         ``image``, ``image_path``, ``file``, ``filename``, ``path``, ``url`` it has).
     """
 
+    # Rows are written as the text they were read from, with the new fields spliced in.
+    rows_as = "json"
+
     def __init__(
         self,
         first_entry_file_name: str,
