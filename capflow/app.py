@@ -119,7 +119,8 @@ def run_job(cfg: DictConfig) -> list[RunSummary]:
     ]
     output = _in_job_dir(cfg.get("output"))
     dry_run = bool(cfg.dry_run)
-    why_dry = serving.unavailable()
+    # A pipeline of steps that send nothing (map and filter steps) needs no server.
+    why_dry = serving.unavailable() if any(op.sends_requests for op in operators) else None
     if why_dry and not dry_run:
         log.info("%s: running a dry run (nothing will be sent)", why_dry)
         dry_run = True

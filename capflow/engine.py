@@ -392,7 +392,7 @@ class _Step:
         finish = functools.partial(self.finish, trace=trace)
         try:
             if row.error:
-                raise RowError("BadRow", row.error)
+                raise RowError(row.error_type, row.error)
             if self.failed_earlier(row):
                 # Failed in an earlier step: it stays failed, with that step's error record.
                 finish(row, error=row.data[ERROR_KEY])

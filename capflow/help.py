@@ -31,6 +31,8 @@ COMMANDS = (
     ("capflow --cfg job [key=value ...]",
      "the config a run would use, resolved (environment variables stay as written)"),
     ("capflow plugins", "the installed plugins and what each provides"),
+    ("capflow plugins new NAME --dir DIR", "a new plugin package to start from (--kind serving,"
+     " storage, operator or observer), with tests"),
     ("capflow models [api_url=...]", "the models the server offers"),
     ("capflow show OUTPUT [--html FILE]",
      "counts, failures by type and sample captions of an output; --html writes a gallery page"),

@@ -190,7 +190,13 @@ class ImagePreparer:
         return {k: str(v) for k, v in vars(self).items() if not k.startswith("_")}
 
     def prepare(self, ref: object, base_dir: Path) -> PreparedImage:
-        """Check and prepare one image; raises ``RowError`` when it cannot be used."""
+        """Check and prepare one image; raises ``RowError`` when it cannot be used.
+
+        ``ref`` is a path (relative to ``base_dir``), an http(s) URL, a ``data:`` URI, or an
+        image as Hugging Face ``datasets`` exports it: ``{"bytes": ..., "path": ...}``, whose
+        bytes (a ``data:`` URI or base64 text) are used when set, else its path."""
+        if isinstance(ref, dict) and ("bytes" in ref or "path" in ref):
+            ref = _embedded_image(ref)
         if not isinstance(ref, str) or not ref.strip():
             raise RowError("BadImageReference", f"image reference must be a path or URL: {ref!r}")
         if ref.startswith(("http://", "https://")):
@@ -433,13 +439,22 @@ def estimate_image_tokens(width: int | None, height: int | None, detail: str | N
     each 512-pixel tile costs 170 more. Images of unknown size count as 1024x1024."""
     if detail == "low":
         return 85
-    w, h = (width or 1024), (height or 1024)
+    w, h = float(width or 1024), float(height or 1024)
     scale = min(1.0, 2048 / max(w, h))
     w, h = w * scale, h * scale
     scale = min(1.0, 768 / min(w, h))
     w, h = w * scale, h * scale
     tiles = math.ceil(w / 512) * math.ceil(h / 512)
     return 85 + 170 * tiles
+
+
+def _embedded_image(image: dict[str, Any]) -> object:
+    """The reference a ``{"bytes", "path"}`` image stands for: its bytes as a ``data:`` URI,
+    else its path (None when it has neither, refused by the caller)."""
+    data = image.get("bytes")
+    if isinstance(data, str) and data:
+        return data if data.startswith("data:") else f"data:application/octet-stream;base64,{data}"
+    return image.get("path")
 
 
 def _decode_data_uri(uri: str, limit: int | None) -> bytes:

@@ -23,12 +23,14 @@ class Row:
     :param data: the parsed row.
     :param raw: the exact JSON text of the row, or None when it was not read from text.
     :param error: why the row could not be read (it then fails without a request).
+    :param error_type: the type of that error, in the row's ``_error`` record.
     """
 
     index: int
     data: dict[str, Any]
     raw: str | None = None
     error: str | None = None
+    error_type: str = "BadRow"
 
     def with_fields(self, fields: dict[str, Any]) -> str:
         """The row as one line of JSON with ``fields`` added (or replaced)."""

@@ -21,7 +21,8 @@ def format_summary(s: RunSummary) -> str:
     of_total = f" of {s.total}" if s.total is not None else ""
     if s.dry_run:
         lines += [
-            f"  rows      {s.rows}{of_total}: {s.done} ready, {s.failed} would fail",
+            f"  rows      {s.rows}{of_total}: {s.done} ready, {s.failed} would fail"
+            + (f", {s.dropped} would be dropped" if s.dropped_output else ""),
             f"  requests  {s.requests} to send ({s.cache_hits} answered by the cache), none sent;"
             f" {_plural(s.images, 'image')}, {s.image_bytes / 1e6:.2f} MB of image data",
             f"  tokens    ~{s.image_tokens} image tokens in all (estimated)",
@@ -36,7 +37,7 @@ def format_summary(s: RunSummary) -> str:
     elif s.dropped_output:  # a filter step: it sends nothing
         lines += [
             f"  rows      {s.rows}{of_total}: {s.done} kept, {s.dropped} dropped,"
-            f" {s.failed} failed in an earlier step",
+            f" {s.failed} failed",
             f"  output    {s.output}",
             f"  dropped   {_plural(s.dropped, 'row')}: {s.dropped_output}",
         ]

@@ -282,3 +282,20 @@ def test_a_file_that_grows_past_max_file_bytes_while_read_is_refused(tmp_path, m
     with pytest.raises(RowError, match=f"grew past image.max_file_bytes={size}") as caught:
         ImagePreparer(max_file_bytes=size).prepare("a.png", tmp_path)
     assert caught.value.kind == "ImageTooLarge"
+
+
+def test_images_embedded_as_hugging_face_datasets_writes_them(tmp_path):
+    """``{"bytes": ..., "path": ...}``: the bytes (a data URI or base64) when set, else the
+    path; neither is a clear row error."""
+    png = io.BytesIO()
+    Image.new("RGB", (12, 7), (1, 2, 3)).save(png, "PNG")
+    data = png.getvalue()
+    (tmp_path / "on_disk.png").write_bytes(data)
+    prep = ImagePreparer(prepare=False, cache=False)
+    encoded = base64.b64encode(data).decode()
+    for ref in ({"bytes": f"data:image/png;base64,{encoded}", "path": "elsewhere.png"},
+                {"bytes": encoded, "path": None}, {"bytes": None, "path": "on_disk.png"}):
+        image = prep.prepare(ref, tmp_path)
+        assert (image.width, image.height) == (12, 7), ref
+    with pytest.raises(RowError, match="must be a path or URL"):
+        prep.prepare({"bytes": None, "path": None}, tmp_path)

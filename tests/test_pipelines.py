@@ -129,7 +129,7 @@ def test_caption_filter_drops_rows_by_rule_into_a_file_of_their_own(tmp_path, se
     gone = read_rows(dropped)
     assert [r["id"] for r in gone] == ["0002", "0004"]
     assert all(r["_dropped"]["reason"] == "caption does not match '^32x24 '" for r in gone)
-    assert "6 of 6: 3 kept, 2 dropped, 1 failed in an earlier step" in result.stdout
+    assert "6 of 6: 3 kept, 2 dropped, 1 failed" in result.stdout
     assert f"dropped   2 rows: {dropped}" in result.stdout
 
 

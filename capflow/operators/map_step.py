@@ -10,11 +10,11 @@ of an earlier row, say). Example, a step that counts a caption's words::
         def apply(self, row):
             return {"words": len(str(row.get("caption", "")).split())}
 
-Dropped rows go to a file of their own (``<output>.dropped.jsonl`` unless ``dropped_output``
-says otherwise), each with a ``_dropped`` record saying which step dropped it and why, and are
-counted in the summary. A row that raises ``capflow.errors.RowError`` fails with that error;
-rows that failed an earlier step pass through untouched. The step keeps no journal: a rerun
-maps the rows again.
+Dropped rows go to a file of their own (``<output>.dropped.jsonl``, or for a step before the
+last ``<output>.<step name>.dropped.jsonl``, unless ``dropped_output`` says otherwise), each
+with a ``_dropped`` record saying which step dropped it and why, and are counted in the
+summary. A row that raises ``capflow.errors.RowError`` fails with that error; rows that failed
+an earlier step pass through untouched. The step keeps no journal: a rerun maps the rows again.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class MapStep(Operator):
         started = datetime.datetime.now().astimezone()
         storage.check()
         self.base_dir = storage.base_dir
-        dropped_path = Path(self.dropped_output or f"{storage.output_name}.dropped.jsonl")
+        dropped_path = Path(self.dropped_output or _default_dropped(storage, settings))
         summary = RunSummary(dry_run=dry_run, output=storage.output_name)
         summary.dropped_output = str(dropped_path)
         self._failed_types: Counter[str] = Counter()
@@ -179,7 +179,7 @@ class MapStep(Operator):
             if row.error or isinstance(error, dict):
                 # Failed before this step (or unreadable): kept, still failed, untouched.
                 error = error if isinstance(error, dict) else \
-                    RowError("BadRow", row.error or "").record()
+                    RowError(row.error_type, row.error or "").record()
                 yield out(row, self._failed(summary, row, error))
                 continue
             reason: str | None = None
@@ -258,6 +258,15 @@ class MapStep(Operator):
             path.write_text(manifest.dumps(record), encoding="utf-8")
         except OSError as exc:
             log.warning("could not write the run's manifest %s: %s", path, exc.strerror or exc)
+
+
+def _default_dropped(storage: Storage, settings: EngineSettings | None) -> str:
+    """``<output>.dropped.jsonl``; for a step before the last, beside the pipeline's output
+    (``<output>.<step>.dropped.jsonl``), not among the step files where nobody looks."""
+    step = settings.run_context.step if settings and settings.run_context else None
+    if step and step.get("number", 0) < step.get("of", 0) and step.get("outputs"):
+        return f"{step['outputs'][-1]}.{step.get('name', 'step')}.dropped.jsonl"
+    return f"{storage.output_name}.dropped.jsonl"
 
 
 class _Spooled:

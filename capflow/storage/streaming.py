@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from capflow.errors import CapflowError, ConfigError
+from capflow.errors import CapflowError, ConfigError, RowError
 from capflow.rows import Row
 from capflow.storage.atomic import replace_path_atomically, write_atomically
 from capflow.storage.base import Storage
@@ -126,6 +126,11 @@ class StreamingStorage(Storage):
         return view
 
     @property
+    def output(self) -> str | None:
+        """The output this step was given (``output=...``), or None for a step file."""
+        return self._output
+
+    @property
     def output_path(self) -> str:
         """The file this step writes."""
         return self._output or self._step_file(max(self._step, 1))
@@ -188,7 +193,8 @@ class StreamingStorage(Storage):
             if isinstance(data, dict):
                 yield Row(index, data)
             elif isinstance(data, Exception):
-                yield Row(index, {}, error=f"{where}: row {index + 1}: {data}")
+                kind = data.kind if isinstance(data, RowError) else type(data).__name__
+                yield Row(index, {}, error=f"{where}: row {index + 1}: {data}", error_type=kind)
             else:
                 yield Row(index, {}, error=f"{where}: row {index + 1}: not a mapping of fields")
 
