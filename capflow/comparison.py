@@ -19,7 +19,7 @@ import json
 import os
 import statistics
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,7 +161,7 @@ class _JobReading:
             if entry.error is None and entry.caption is not None:
                 self.lengths.append(len(answer_text(entry.answer)))
 
-    def entries(self) -> Iterator[Entry]:
+    def entries(self) -> Generator[Entry, None, None]:
         return reading(self.output, iter_entries(self.output, self.answer_key, self.image_key))
 
     def figures(self, label: str, overrides: dict[str, str]) -> JobFigures:

@@ -183,17 +183,22 @@ class _HTTPConnection(http.client.HTTPConnection):
                  deadline: _Deadline, **kwargs: Any) -> None:
         super().__init__(host, port, timeout=deadline.left(), **kwargs)
         self._create_connection = deadline.connect
-        self.response_class = functools.partial(_Response, deadline=deadline)
+        # http.client only calls response_class; typeshed declares it a class, not a callable.
+        self.response_class = functools.partial(  # type: ignore[assignment]
+            _Response, deadline=deadline)
 
 
 class _HTTPSConnection(http.client.HTTPSConnection):
     def __init__(self, host: str, port: int | None = None, timeout: object = None, *,
                  deadline: _Deadline, **kwargs: Any) -> None:
-        kwargs["context"] = kwargs.get("context") or _tls_context()
+        self._tls: ssl.SSLContext = kwargs.get("context") or _tls_context()
+        kwargs["context"] = self._tls
         super().__init__(host, port, timeout=deadline.left(), **kwargs)
         self._deadline = deadline
         self._create_connection = deadline.connect
-        self.response_class = functools.partial(_Response, deadline=deadline)
+        # http.client only calls response_class; typeshed declares it a class, not a callable.
+        self.response_class = functools.partial(  # type: ignore[assignment]
+            _Response, deadline=deadline)
 
     def connect(self) -> None:
         # HTTPSConnection.connect, with the handshake given only the time left after the
@@ -201,8 +206,9 @@ class _HTTPSConnection(http.client.HTTPSConnection):
         http.client.HTTPConnection.connect(self)
         assert self.sock is not None
         self.sock.settimeout(self._deadline.left())
-        server_hostname = self._tunnel_host or self.host
-        self.sock = self._context.wrap_socket(self.sock, server_hostname=server_hostname)
+        # _tunnel_host: set by set_tunnel() (a proxy), a private attribute typeshed leaves out.
+        server_hostname = self._tunnel_host or self.host  # type: ignore[attr-defined]
+        self.sock = self._tls.wrap_socket(self.sock, server_hostname=server_hostname)
 
 
 @functools.lru_cache(maxsize=1)

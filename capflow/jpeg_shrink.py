@@ -33,7 +33,7 @@ def shrink_jpeg(data: bytes, size: tuple[int, int], orientation: int, quality: i
     """A JPEG of ``data`` shrunk to ``size`` (given before ``orientation`` is applied), turned
     upright from its EXIF ``orientation``, encoded at ``quality``, with no metadata."""
     import cv2  # only runs that shrink JPEGs pay for these imports
-    import simplejpeg
+    import simplejpeg  # type: ignore[import-untyped]  # ships neither stubs nor py.typed
 
     width, height = size
     try:

@@ -121,8 +121,8 @@ class KnownConfig:
             return None
         root.pop("hydra", None)
         model = cls(root, defaults, sources.all_options(registry, extra))
-        for group, option in defaults.items():
-            model.chosen[group] = [option] if option else None
+        for group, default in defaults.items():
+            model.chosen[group] = [default] if default else None
         for o in parsed:
             if o.key in model.options:
                 if o.prefix == "~":
@@ -185,7 +185,7 @@ class KnownConfig:
 
     def _choices(self, group: str) -> set[str]:
         """A group's options as they can be chosen, nested groups' as ``sub/option``."""
-        found = set()
+        found: set[str] = set()
         for name, options in self.options.items():
             if name == group or name.startswith(f"{group}/"):
                 sub = name[len(group) + 1:]
@@ -249,7 +249,7 @@ class KnownConfig:
 
     def _declared_by_plugins(self) -> set[str]:
         """Top-level keys that plugins' options declare (``# @package _global_``)."""
-        declared = set()
+        declared: set[str] = set()
         for options in self.options.values():
             for option in options.values():
                 if option.plugin == "capflow" or option.file is None:

@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -73,7 +73,7 @@ class PreparePool(Generic[R, T]):
             while True:
                 job = self._jobs.get_nowait()
                 if job is not None:
-                    _settle(job, None, cancel=True)
+                    _settle(job, None)
         for _ in self._threads:
             self._jobs.put(None)
         if wait:
@@ -138,14 +138,15 @@ class PreparePool(Generic[R, T]):
         return results
 
 
-def _settle(job: _Job, outcome: object, cancel: bool = False) -> None:
-    """Hand a batch's outcome (a list, or a BaseException) to its future, on its loop."""
+def _settle(job: _Job, outcome: list[Any] | BaseException | None) -> None:
+    """Hand a batch's outcome (a list, or a BaseException) to its future, on its loop; None
+    cancels the future."""
     loop, future, _ = job
 
     def settle() -> None:
         if future.done():  # cancelled meanwhile: nobody waits for it
             return
-        if cancel:
+        if outcome is None:
             future.cancel()
         elif isinstance(outcome, BaseException):
             future.set_exception(outcome)

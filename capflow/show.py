@@ -13,7 +13,7 @@ import csv
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -372,7 +372,7 @@ def _show(args: argparse.Namespace) -> int:
         _check_writable(html, path)
     manifest, manifest_problem = manifest_of(path)
 
-    def entries() -> Iterator[Entry]:
+    def entries() -> Generator[Entry, None, None]:
         return reading(path, iter_entries(path, args.key, args.image_key))
 
     counts = count(entries())
@@ -421,7 +421,7 @@ def _gallery(html: Path, stream: Iterator[Entry], lines: list[str], counts: Coun
         raise ShowError(f"cannot write {html}: {exc.strerror or exc}") from None
 
 
-def reading(path: Path, entries: Iterator[Entry]) -> Iterator[Entry]:
+def reading(path: Path, entries: Iterator[Entry]) -> Generator[Entry, None, None]:
     """``entries``, with a file that cannot be read turned into one line."""
     try:
         yield from entries
@@ -434,7 +434,7 @@ def reading(path: Path, entries: Iterator[Entry]) -> Iterator[Entry]:
         raise ShowError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _sampling(entries: Iterator[Entry], sampler: Sampler) -> Iterator[Entry]:
+def _sampling(entries: Iterator[Entry], sampler: Sampler) -> Generator[Entry, None, None]:
     for entry in entries:
         sampler.see(entry)
         yield entry

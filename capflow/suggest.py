@@ -97,7 +97,7 @@ def hydra_error_line(exc: BaseException) -> str:
     parent = getattr(cause, "parent_node", None)
     message = str(exc)
     if full_key and message.startswith(("Could not override", "Could not delete")):
-        known = [str(k) for k in parent] if hasattr(parent, "keys") else []
+        known = [str(k) for k in parent] if parent is not None and hasattr(parent, "keys") else []
         line = unknown_key(str(full_key), known)
         if "." in str(full_key) and not known:
             # The node is empty or a value (extra_body: null): Hydra adds keys only with +.

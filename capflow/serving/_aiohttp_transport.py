@@ -154,6 +154,7 @@ class AiohttpTransport:
         parts = endpoint_parts(api_url, key)
         self.api_url = api_url
         self.base = api_url.rstrip("/")
+        assert parts.hostname is not None  # endpoint_parts refuses a URL without a host
         self.host = parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.timeout = options.timeout

@@ -243,6 +243,7 @@ class HttpTransport:
         self.api_url = api_url
         self.timeout = options.timeout
         self.limit = options.max_response_bytes
+        assert parts.hostname is not None  # endpoint_parts refuses a URL without a host
         self.host = parts.hostname
         self.port = port or (443 if parts.scheme == "https" else 80)
         self.ssl: Any = None

@@ -128,15 +128,15 @@ def parse_completion(data: Any, rate_limits: RateLimitInfo | None = None) -> Res
     choices = data.get("choices") if isinstance(data, dict) else None
     if not choices:
         if isinstance(data, dict) and data.get("error"):
-            message = server_message(data, "an error object")
+            detail = server_message(data, "an error object")
             raise ServingError("ServerError",
-                               clean_message(f"the server answered 200 with an error: {message}"),
+                               clean_message(f"the server answered 200 with an error: {detail}"),
                                transient=True, rate_limits=rate_limits)
         raise ServingError("BadResponse", "response has no choices", transient=True,
                            rate_limits=rate_limits)
     choice = choices[0] if isinstance(choices, list) else None
     message = choice.get("message") if isinstance(choice, dict) else None
-    if not isinstance(message, dict):
+    if not isinstance(choice, dict) or not isinstance(message, dict):
         raise ServingError("BadResponse", "response has a malformed choice", transient=True,
                            rate_limits=rate_limits)
     refusals: list[str] = []

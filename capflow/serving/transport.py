@@ -183,7 +183,11 @@ def proxy_for(api_url: str) -> str | None:
     if not any(name.lower().endswith("_proxy") and name.lower() != "no_proxy" and value
                for name, value in os.environ.items()):
         return None  # the usual case, without importing urllib.request (tens of ms at start)
-    from urllib.request import getproxies_environment, proxy_bypass_environment
+    # proxy_bypass_environment is undocumented, so typeshed leaves it out.
+    from urllib.request import (  # type: ignore[attr-defined]
+        getproxies_environment,
+        proxy_bypass_environment,
+    )
 
     parts = urlsplit(api_url)
     proxies = getproxies_environment()

@@ -43,7 +43,9 @@ def fake_object(schema: dict[str, Any], text: str) -> Any:
         return {name: fake_object(sub if isinstance(sub, dict) else {}, text)
                 for name, sub in props.items()}
     if kind == "array":
-        items = schema.get("items") if isinstance(schema.get("items"), dict) else {}
+        items = schema.get("items")
+        if not isinstance(items, dict):
+            items = {}
         if items.get("type", "string") == "string":
             return text.split()
         return [fake_object(items, text)]

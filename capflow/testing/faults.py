@@ -1,4 +1,6 @@
-"""Deterministic fault injection for the fake OpenAI server."""
+"""Deterministic fault injection for the fake OpenAI server: which fault a request meets
+(:class:`FaultInjector`, seeded so a run is reproducible), what the fault sends instead of the
+answer (:func:`apply_fault`), and the command-line options that set the rates."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import struct
 from dataclasses import dataclass, fields
 
 from aiohttp import web
+
+from capflow.testing.api_errors import error_response
 
 #: Fault kinds, in the order their probability bands are laid out on [0, 1).
 FAULT_KINDS: tuple[str, ...] = (
@@ -86,18 +90,6 @@ class FaultInjector:
             if x < edge:
                 return kind
         return None
-
-
-def error_response(
-    status: int,
-    message: str,
-    code: str | None = None,
-    type_: str = "invalid_request_error",
-    headers: dict[str, str] | None = None,
-) -> web.Response:
-    """An OpenAI-style ``{"error": {...}}`` JSON response."""
-    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
-    return web.json_response(body, status=status, headers=headers)
 
 
 async def apply_fault(

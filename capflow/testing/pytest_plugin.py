@@ -44,6 +44,14 @@ def capflow_executable() -> str:
     return str(beside) if beside.exists() else shutil.which("capflow") or "capflow"
 
 
+def capflow_command() -> list[str]:
+    """How to run ``capflow`` with this interpreter's plugins: the console script beside it, or
+    ``python -m capflow`` where there is none (a venv that sees capflow from another
+    environment, whose script would not see this one's plugins)."""
+    beside = Path(sys.executable).with_name("capflow")
+    return [str(beside)] if beside.exists() else [sys.executable, "-m", "capflow"]
+
+
 @pytest.fixture
 def openai_server() -> Iterator[FakeOpenAIServer]:
     """A loopback OpenAI-compatible server for this test (stopped after it)."""
@@ -57,7 +65,7 @@ def run_cli(*args: str, cwd: str | os.PathLike[str], env: dict[str, str] | None 
     adds one."""
     full_env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
     full_env.update(env or {})
-    return subprocess.run([capflow_executable(), *args], cwd=cwd, env=full_env,
+    return subprocess.run([*capflow_command(), *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 
