@@ -31,6 +31,10 @@ def main() -> None:
     if problem:  # before Hydra saves the overrides to disk
         print(f"capflow: error: {problem}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
+    if argv[:2] == ["plugins", "new"]:
+        from capflow.scaffold import main as new_plugin
+
+        sys.exit(new_plugin(argv[2:]))
     if argv[:1] == ["plugins"]:
         try:
             sys.exit(_plugins_command())

@@ -284,6 +284,7 @@ class _Step:
         writer = asyncio.create_task(self.write_loop())
         ticker = asyncio.create_task(self.progress.tick())
         main = asyncio.current_task()
+        assert main is not None  # run_rows runs as a task
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGTERM, main.cancel)
@@ -373,12 +374,16 @@ class _Step:
         return (self.storage.reads_earlier_step and isinstance(error, dict)
                 and isinstance(error.get("type"), str) and isinstance(error.get("message"), str))
 
+    def _row_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        self.active.release()
+
     def spawn(self, coro: Any, row: bool = False) -> None:
         """Run ``coro`` as a task of this step; a row's task frees its place when it ends."""
         task = asyncio.create_task(coro)
         self.tasks.add(task)
         if row:
-            task.add_done_callback(lambda t: (self.tasks.discard(t), self.active.release()))
+            task.add_done_callback(self._row_done)
         else:
             task.add_done_callback(self.tasks.discard)
 
@@ -404,7 +409,7 @@ class _Step:
             summary.images += request.image_count
             summary.image_bytes += request.image_bytes
             key = request_key(request, self.serving_key) if self.cache else None
-            response = self.cache.get(key) if key else None
+            response = self.cache.get(key) if key and self.cache else None
             trace.cached = response is not None
             if self.dry_run:
                 summary.image_tokens += request.image_tokens
@@ -442,7 +447,7 @@ class _Step:
                     self.count_retry(None)
                     request = follow
                     key = request_key(request, self.serving_key) if self.cache else None
-                    response = self.cache.get(key) if key else None
+                    response = self.cache.get(key) if key and self.cache else None
                     continue
                 # Only an answer the operator took is kept: one it refused is asked anew.
                 if key and fresh:

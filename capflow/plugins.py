@@ -35,7 +35,7 @@ BUILTIN_CONFIG = "pkg://capflow.conf"
 
 class _PluginManager(pluggy.PluginManager):
     def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
-        opts = super().parse_hookimpl_opts(plugin, name)
+        opts: Any = super().parse_hookimpl_opts(plugin, name)
         # An unmarked function named like a hook is still a hook implementation, so that a
         # misspelt name reaches check_pending() and fails loudly.
         if opts is None and name.startswith("capflow_") and callable(getattr(plugin, name, None)):

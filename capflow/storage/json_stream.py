@@ -17,7 +17,7 @@ _SCAN_CHUNK = 1 << 20  # bytes per read of the UTF-8 scan: big enough that calls
 # malloc maps fresh pages (and faults them in) for every block.
 _DECODE_SLICE = 16 << 10
 _decoder = json.JSONDecoder()
-_scan_once = _decoder.scan_once
+_scan_once = _decoder.scan_once  # type: ignore[attr-defined]  # set in __init__, not in stubs
 _WS = re.compile(r"[ \t\r\n]*")  # JSON's whitespace, skipped at C speed
 _SNIFF_LIMIT = 1 << 20  # characters of a JSON Lines file's first row parsed by check()
 
@@ -94,7 +94,7 @@ class _ArrayText:
     def skip_ws(self) -> bool:
         """Move ``pos`` past whitespace; False when the text ends first."""
         while True:
-            self.pos = _WS.match(self.buf, self.pos).end()
+            self.pos = _WS.match(self.buf, self.pos).end()  # type: ignore[union-attr]  # * matches
             if self.pos < len(self.buf):
                 return True
             if not self.refill():

@@ -14,6 +14,7 @@ import csv
 import io
 import json
 from collections.abc import Iterator
+from typing import Any
 
 from capflow.errors import ConfigError
 from capflow.redaction import printable
@@ -150,7 +151,7 @@ class Table:
             return Row(index, {"_raw": raw}, None, error=(
                 f"{self.path}:{line}: {len(cells)} cells where the header has {len(header)}"
                 " columns"))
-        values = dict(zip(header, cells, strict=True))
+        values: dict[str, Any] = dict(zip(header, cells, strict=True))
         ref = values[image_column]
         data = values
         if image_column != "image":

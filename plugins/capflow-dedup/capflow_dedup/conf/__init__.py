@@ -1,0 +1,1 @@
+"""Config options capflow-dedup adds (pipeline=dedup_caption)."""

@@ -1,0 +1,1 @@
+"""Config options capflow-metrics adds (+metrics=files)."""

@@ -1,0 +1,1 @@
+"""Config options capflow-webdataset adds (storage=webdataset)."""
