@@ -642,10 +642,13 @@ class _Trace:
         self.cached = False
 
     async def send(self, send: Any, row: int, request: Request) -> Response:
-        """``send(request, row=row)``, timed and counted."""
+        """``send(request, row=row)``, timed and counted: ``sent`` when the first request went
+        out, not when it began to wait for its place."""
         self.attempts += 1
-        if self.sent is None:
-            self.sent = time.monotonic()
-        response = await send(request, row=row)
+        response = await send(request, row=row, on_sent=self._went_out)
         self.answered = time.monotonic()
         return response
+
+    def _went_out(self, when: float) -> None:
+        if self.sent is None:
+            self.sent = when

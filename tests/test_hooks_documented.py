@@ -56,3 +56,12 @@ def test_every_hook_section_documents_its_parameters_with_an_example():
         for param in signature.parameters:
             assert f"`{param}`" in body, f"{name}: parameter {param!r} is not documented"
         assert "```python" in body and f"def {name}(" in body, f"{name}: no example"
+
+
+def test_every_hook_has_a_test_named_after_it():
+    tests = Path(__file__).resolve().parent
+    names = {m[1] for path in tests.glob("test_*.py")
+             for m in re.finditer(r"^def (test_\w+)\(", path.read_text(encoding="utf-8"),
+                                  re.MULTILINE)}
+    untested = sorted(h for h in hooks() if not any(n.startswith(f"test_{h}_") for n in names))
+    assert not untested, f"hooks without a test named test_<hook>_...: {untested}"

@@ -29,7 +29,7 @@ class Observer:
         self.events.append(("end", summary.done, summary.failed))
 
 
-def test_observer_sees_start_each_row_and_end(server, tmp_path):
+def test_capflow_run_end_follows_the_start_and_every_finished_row(server, tmp_path):
     data, _ = make_dataset(tmp_path, 4)
     (tmp_path / "images" / "00001.png").unlink()
     observer = Observer()
@@ -91,7 +91,7 @@ class Timer:
         self.rows.append(result)
 
 
-def test_observers_get_the_config_and_each_rows_timing(tmp_path):
+def test_capflow_row_finished_gives_each_rows_timing_attempts_and_cache_hit(tmp_path):
     from capflow.manifest import RunContext
     from capflow.retry import RetryPolicy
     from capflow.testing.server import FakeOpenAIServer
@@ -132,7 +132,7 @@ def test_observers_get_the_config_and_each_rows_timing(tmp_path):
         assert (r.attempts, r.cached, r.sent, r.answered) == (0, True, None, None)
 
 
-def test_observers_get_the_command_lines_config(tmp_path):
+def test_capflow_run_start_gives_the_runs_config(tmp_path):
     from capflow.manifest import RunContext
 
     data, _ = make_dataset(tmp_path, 1)

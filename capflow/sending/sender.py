@@ -106,8 +106,11 @@ class Sender:
         self.breaker.stop(reason)
         self.pacer.stop()
 
-    async def send(self, request: Request, row: int) -> Response:
-        """One try of ``request`` for row ``row``: its response, or a ``ServingError``."""
+    async def send(self, request: Request, row: int,
+                   on_sent: Callable[[float], None] | None = None) -> Response:
+        """One try of ``request`` for row ``row``: its response, or a ``ServingError``.
+        ``on_sent`` is told when the request goes out (after its wait for a place, the pace
+        and the breaker)."""
         summary = self.summary
         while True:
             try:
@@ -138,6 +141,8 @@ class Sender:
             summary.requests += 1
             self.reserved_tokens += request.estimated_tokens
             sent = time.monotonic()
+            if on_sent is not None:
+                on_sent(sent)
             self.pacer.sent()
             outcome = "other"
             try:

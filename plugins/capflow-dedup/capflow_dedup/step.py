@@ -115,13 +115,9 @@ class DedupStep(MapStep):
         """Dedup every row of ``storage`` (see ``MapStep.run``), comparing with this run's
         kept rows only."""
         self._reset()
-        chosen = self.dropped_output
-        if chosen is None:
-            self.dropped_output = _beside_final_output(settings)
         try:
             return super().run(storage, dry_run=dry_run, settings=settings, **keys)
         finally:
-            self.dropped_output = chosen
             self._reset()
 
     def _reset(self) -> None:
@@ -243,13 +239,3 @@ def _shown(ref: Any, count: int = 1) -> str:
     if len(text) > SHOWN:
         text = text[:SHOWN - 3] + "..."
     return text if count == 1 else f"{text} (+{count - 1} more)"
-
-
-def _beside_final_output(settings: EngineSettings | None) -> str | None:
-    """``<final output>.<step name>.dropped.jsonl`` for a step that is not the pipeline's
-    last (None otherwise: MapStep's ``<output>.dropped.jsonl``)."""
-    context = settings.run_context if settings is not None else None
-    step = context.step if context is not None else None
-    if not step or step.get("number") == step.get("of") or not step.get("outputs"):
-        return None
-    return f"{step['outputs'][-1]}.{step['name']}.dropped.jsonl"
