@@ -46,6 +46,9 @@ _HOMES = {
     "RowError": "capflow.errors",
     "ServingError": "capflow.errors",
     # The built-in components, for the Python API.
+    "Executor": "capflow.executors.base",
+    "Job": "capflow.executors.base",
+    "LocalExecutor": "capflow.executors.local",
     "FileStorage": "capflow.storage.file",
     "OpenAIServing": "capflow.serving.openai",
     "PromptedVQAGenerator": "capflow.operators.prompted_vqa",
@@ -61,12 +64,14 @@ __all__ = [
     "RunInfo", "RowResult", "RunSummary",
     "CapflowError", "ConfigError", "PluginError", "RowError", "ServingError",
     "FileStorage", "OpenAIServing", "PromptedVQAGenerator", "RowFilter", "ImagePreparer",
-    "EngineSettings",
+    "EngineSettings", "Executor", "Job", "LocalExecutor",
 ]
 
 if TYPE_CHECKING:
     from capflow.engine import EngineSettings
     from capflow.errors import CapflowError, ConfigError, PluginError, RowError, ServingError
+    from capflow.executors.base import Executor, Job
+    from capflow.executors.local import LocalExecutor
     from capflow.images import ImagePreparer
     from capflow.operators.base import Operator
     from capflow.operators.map_step import DropRow, MapStep

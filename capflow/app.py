@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from capflow import sweep
 from capflow.engine import EngineSettings
 from capflow.errors import ConfigError
+from capflow.executors import Executor, Job, LocalExecutor
 from capflow.images import ImagePreparer
 from capflow.manifest import RunContext
 from capflow.operators.base import Operator
@@ -71,6 +70,8 @@ def _in_job_dir(path: str | None) -> str | None:
     """In a sweep, relative paths go into each job's own folder so jobs never share files."""
     if path is None or Path(path).is_absolute():
         return path
+    if not HydraConfig.initialized():  # built outside a command-line run (a worker process)
+        return path
     hydra = HydraConfig.get()
     if hydra.mode != RunMode.MULTIRUN:
         return path
@@ -103,8 +104,9 @@ def run_context(cfg: DictConfig) -> RunContext:
                       plugins=plugins, sweep=sweep.context())
 
 
-def run_job(cfg: DictConfig) -> list[RunSummary]:
-    """Run every pipeline step of ``cfg``; returns one summary per step that ran."""
+def build_job(cfg: DictConfig) -> tuple[Job, str | None]:
+    """The run ``cfg`` describes, its parts built, and why it must be a dry run (None when it
+    need not be)."""
     steps_cfg = cfg.pipeline.get("steps")
     if not steps_cfg:
         raise ConfigError("pipeline.steps is empty: nothing to run")
@@ -124,9 +126,27 @@ def run_job(cfg: DictConfig) -> list[RunSummary]:
     if why_dry and not dry_run:
         log.info("%s: running a dry run (nothing will be sent)", why_dry)
         dry_run = True
+    settings = engine_settings(cfg)
+    for op in operators:  # a filter's file of dropped rows, like every output, is the job's
+        if isinstance(getattr(op, "dropped_output", None), str):
+            op.dropped_output = _in_job_dir(op.dropped_output)
+    if dry_run:  # a dry run reads the prepared-image cache but makes none, as the responses'
+        for op in operators:
+            if isinstance(getattr(op, "image_io", None), ImagePreparer):
+                op.image_io.make_no_cache()
+    names = list(steps_cfg)
+    context = settings.run_context
+    job = Job(storage=storage, serving=serving, steps=list(zip(names, operators, strict=True)),
+              settings=settings, output=output, dry_run=dry_run,
+              config=dict(context.config) if context else {})
+    return job, why_dry
+
+
+def engine_settings(cfg: DictConfig) -> EngineSettings:
+    """The engine's settings from the config's top-level keys."""
     retry = OmegaConf.to_container(cfg.retry)
     assert isinstance(retry, dict)  # retry is a config node of named fields, never a list
-    settings = EngineSettings(
+    return EngineSettings(
         retry=RetryPolicy(**_by_name(retry)),
         cache_path=cfg.cache.path if cfg.cache.enabled else None,
         stop=StopRules(
@@ -148,32 +168,21 @@ def run_job(cfg: DictConfig) -> list[RunSummary]:
         share_endpoints=bool(cfg.cache.share_endpoints),
         run_context=run_context(cfg),
     )
-    for op in operators:  # a filter's file of dropped rows, like every output, is the job's
-        if isinstance(getattr(op, "dropped_output", None), str):
-            op.dropped_output = _in_job_dir(op.dropped_output)
-    if dry_run:  # a dry run reads the prepared-image cache but makes none, as the responses'
-        for op in operators:
-            if isinstance(getattr(op, "image_io", None), ImagePreparer):
-                op.image_io.make_no_cache()
-    names = list(steps_cfg)
-    views = [storage.step(output=output if n == len(operators) - 1 else None)
-             for n in range(len(operators))]
-    outputs = [os.path.abspath(view.output_name) for view in views]
-    context = settings.run_context or RunContext()
-    summaries = []
-    for n, (op, view) in enumerate(zip(operators, views, strict=True)):
-        step = {"number": n + 1, "of": len(operators), "name": names[n], "outputs": outputs}
-        step_settings = dataclasses.replace(
-            settings, run_context=dataclasses.replace(context, step=step))
-        summaries.append(op.run(view, dry_run=dry_run, settings=step_settings))
-        if dry_run:
-            break  # later steps read rows that a dry run does not write
+
+
+def run_job(cfg: DictConfig) -> list[RunSummary]:
+    """Run every pipeline step of ``cfg`` with the chosen executor; returns one summary per step
+    that ran."""
+    executor = build(cfg.executor, Executor, "executor") if "executor" in cfg else \
+        LocalExecutor()
+    job, why_dry = build_job(cfg)
+    summaries = executor.run(job)
     if why_dry:
         print(
             f"\nNothing was sent: {why_dry}. To caption for real, point capflow at a server:\n"
             "  capflow api_url=http://127.0.0.1:8000/v1   "
             "(any OpenAI-compatible API; add model_name=... if it serves several models)"
         )
-    elif dry_run:
+    elif job.dry_run:
         print("\nDry run: nothing was sent. Drop dry_run=true to caption for real.")
     return summaries

@@ -69,6 +69,21 @@ def capflow_register_operators(register: ComponentRegister) -> None:
 
 
 @hookspec
+def capflow_register_executors(register: ComponentRegister) -> None:
+    """Register executor classes (subclasses of ``capflow.executors.Executor``): what carries
+    a run out, chosen with ``executor=<name>``.
+
+    :param register: call ``register(name, cls)`` once per executor.
+
+    Example::
+
+        @hookimpl
+        def capflow_register_executors(register):
+            register("ray", RayExecutor)
+    """
+
+
+@hookspec
 def capflow_register_config(config: ConfigRegistry) -> None:
     """Add options to capflow's config groups.
 

@@ -22,13 +22,14 @@ from capflow.errors import PluginError
 
 ENTRY_POINT_GROUP = "capflow"
 DISABLE_ENV = "CAPFLOW_DISABLE_PLUGINS"
-KINDS = ("storage", "serving", "operator")
+KINDS = ("storage", "serving", "operator", "executor")
 
 # Built-ins register like third-party plugins; this list is all that makes them built-in.
 DEFAULT_PLUGINS = (
     "capflow.storage.plugin",
     "capflow.serving.plugin",
     "capflow.operators.plugin",
+    "capflow.executors.plugin",
 )
 BUILTIN_CONFIG = "pkg://capflow.conf"
 

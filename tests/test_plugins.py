@@ -290,6 +290,7 @@ def test_disable_all_switches_off_every_third_party_plugin_but_no_builtin(on_pat
     )
     assert {kind: sorted(known) for kind, known in registry.components.items()} == {
         "storage": ["file"], "serving": ["openai"], "operator": ["prompted_vqa", "row_filter"],
+        "executor": ["local"],
     }
     assert set(registry.options.values()) == {"capflow"}
     assert not [m for m in FIXTURE_MODULES if m in sys.modules]
@@ -318,8 +319,9 @@ def test_capflow_plugins_lists_builtins_and_what_they_provide(tmp_path):
     assert blocks.pop("capflow.serving.plugin (built-in)") == ["serving openai"]
     assert blocks.pop("capflow.operators.plugin (built-in)") == [
         "operator prompted_vqa", "operator row_filter"]
+    assert blocks.pop("capflow.executors.plugin (built-in)") == ["executor local"]
     builtin_config = blocks.pop("capflow config (built-in)")
-    assert {"serving=openai", "storage=file", "pipeline=caption", "prompt=seed",
+    assert {"serving=openai", "storage=file", "pipeline=caption", "prompt=seed", "executor=local",
             "prompt=concise", "prompt=detailed", "prompt=alt_text"} <= set(builtin_config)
     assert blocks == {}  # no third-party plugin in the base environment
 

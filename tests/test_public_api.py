@@ -17,7 +17,7 @@ PUBLIC = [
     "RunInfo", "RowResult", "RunSummary",
     "CapflowError", "ConfigError", "PluginError", "RowError", "ServingError",
     "FileStorage", "OpenAIServing", "PromptedVQAGenerator", "RowFilter", "ImagePreparer",
-    "EngineSettings",
+    "EngineSettings", "Executor", "Job", "LocalExecutor",
 ]
 
 # Where plugins written against earlier versions import from: these must keep working.

@@ -126,3 +126,48 @@ def test_capflow_register_config_adds_options_the_command_line_composes(demo,
     assert list(cfg.pipeline.steps) == ["up"]
     provided = demo.provided_by("capflow_hooks_demo")
     assert "serving=answering" in provided and "pipeline=upper_only" in provided
+
+
+def test_capflow_register_executors_names_the_executor_a_run_uses(tmp_path, monkeypatch,
+                                                                  capflow_config):
+    """A plugin's executor is chosen with executor=<name> and carries the run out."""
+    (tmp_path / "capflow_exec_demo.py").write_text('''
+from capflow import LocalExecutor, hookimpl
+
+RAN = []
+
+
+class Counting(LocalExecutor):
+    def run(self, job):
+        RAN.append([name for name, _ in job.steps])
+        return super().run(job)
+
+
+@hookimpl
+def capflow_register_executors(register):
+    register("counting", Counting)
+
+
+@hookimpl
+def capflow_register_config(config):
+    config.add_node("executor", "counting", {"_target_": "capflow_exec_demo.Counting"})
+''')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(capflow.plugins, "DEFAULT_PLUGINS",
+                        (*capflow.plugins.DEFAULT_PLUGINS, "capflow_exec_demo"))
+    capflow.plugins._loaded = None
+    registry = capflow.plugins.get_plugins()[1]
+    try:
+        assert registry.get("executor", "counting").__name__ == "Counting"
+        assert registry.get("executor", "local").__name__ == "LocalExecutor"
+        assert "executor counting" in registry.provided_by("capflow_exec_demo")
+        from capflow import _hydra_bridge
+        from capflow.app import run_job
+
+        _hydra_bridge.install(registry)  # the kit's config was set up before this plugin
+        cfg = capflow_config("executor=counting", f"storage.cache_path={tmp_path / 'c'}")
+        summaries = run_job(cfg)  # no api_url: a dry run, carried out by the plugin's executor
+        assert sys.modules["capflow_exec_demo"].RAN == [["caption"]]
+        assert summaries[0].dry_run and summaries[0].rows == 6
+    finally:
+        sys.modules.pop("capflow_exec_demo", None)
