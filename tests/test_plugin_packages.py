@@ -23,9 +23,10 @@ PROVIDES = {
     "webdataset": ["storage webdataset", "storage=webdataset"],
     "dedup": ["operator dedup", "pipeline=dedup_caption"],
     "metrics": ["metrics=files"],
+    "ray": ["executor ray", "executor=ray"],
 }
 # Imports a package's tests need beyond capflow's own (the test extras install them).
-NEEDS = {"capflow-parquet": "pyarrow", "capflow-dedup": "imagehash"}
+NEEDS = {"capflow-parquet": "pyarrow", "capflow-dedup": "imagehash", "capflow-ray": "ray"}
 
 
 def test_every_package_is_covered():

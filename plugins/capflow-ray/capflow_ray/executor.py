@@ -1,0 +1,204 @@
+"""RayExecutor: a capflow job as a Ray Data job.
+
+The driver (the ``capflow`` command) checks the input and output as ``executor=local`` does,
+reads the rows and hands them to Ray Data, ``rows_per_pass`` at a time, as their JSON text.
+Each pass is one ``map_batches`` over a pool of ``num_workers`` actors (``capflow_ray.worker``),
+every actor running all the pipeline's steps over its batches with capflow's engine. The
+finished rows stream back to the driver in input order and into the output, which replaces
+the old one atomically at the end, as locally; the figures of every batch add up to each
+step's summary, printed and recorded in ``<output>.run.json`` as locally.
+
+Durability comes from the response cache, which the actors share (SQLite in WAL mode on this
+machine): every answer is committed as it comes, so a job killed at any moment and run again
+pays again only for the requests that were in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from capflow import Executor, Job, LocalExecutor, RunSummary
+from capflow.errors import ConfigError
+from capflow.storage.file import check_output_path
+from capflow.summary import format_summary
+from capflow_ray.budget import share
+
+log = logging.getLogger("capflow")
+
+
+class RayExecutor(Executor):
+    """Runs the pipeline's steps on a pool of Ray actors.
+
+    :param num_workers: actors, each running capflow's engine over its batches (never more than
+        ``max_workers``: each needs at least one request in flight).
+    :param num_cpus: CPUs of the local Ray started when ``RAY_ADDRESS`` is not set (None: all).
+    :param batch_rows: rows per batch handed to an actor.
+    :param rows_per_pass: rows held by the driver at once; a larger input runs in passes.
+    """
+
+    def __init__(self, num_workers: int = 2, num_cpus: int | None = None,
+                 batch_rows: int = 256, rows_per_pass: int = 100_000) -> None:
+        if int(num_workers) < 1 or int(batch_rows) < 1 or int(rows_per_pass) < 1:
+            raise ConfigError("executor.num_workers, batch_rows and rows_per_pass must be"
+                              " at least 1")
+        self.num_workers = int(num_workers)
+        self.num_cpus = int(num_cpus) if num_cpus else None
+        self.batch_rows = int(batch_rows)
+        self.rows_per_pass = int(rows_per_pass)
+
+    def run(self, job: Job) -> list[RunSummary]:
+        if job.dry_run:  # nothing is sent: the local engine says what would be
+            return LocalExecutor().run(job)
+        n = len(job.steps)
+        views = [job.storage.step(output=job.output if i == n - 1 else None) for i in range(n)]
+        first, last = views[0], views[-1]
+        first.check()
+        check_output_path(last.output_name)
+        actors = max(1, min(self.num_workers, int(job.serving.max_workers)))
+        config = share(job.config, actors)
+        started = datetime.datetime.now().astimezone()
+        began = time.perf_counter()
+        summaries = [RunSummary(output=view.output_name) for view in views]
+        gathered = _Gathered(summaries, first.count(cheap_only=True), job.settings)
+        with _ray(self.num_cpus):
+            last.write(gathered.lines(self._passes(first, config, actors)))
+        gathered.done()
+        elapsed = time.perf_counter() - began
+        for summary in summaries:
+            summary.elapsed = elapsed
+            summary.total = summaries[0].rows
+            summary.max_workers = int(job.serving.max_workers)
+        final = summaries[-1]
+        final.output_ok = final.done + final.skipped
+        final.output_failed = sum(gathered.failed_types.values())
+        text = format_summary(final)
+        if job.settings.report:
+            print(text, flush=True)
+        logging.getLogger("capflow.record").info("%s", text)
+        _write_manifest(job, first.input_name, final, started, gathered.failed_types)
+        return summaries
+
+    def _passes(self, first: Any, config: dict[str, Any], actors: int
+                ) -> Iterator[dict[str, Any]]:
+        """The finished batches' records, pass after pass, in input order."""
+        import ray.data
+
+        from capflow_ray.worker import CapflowWorker
+
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True
+        with contextlib.suppress(AttributeError):
+            context.enable_progress_bars = False
+        rows = first.read()
+        while chunk := list(islice(rows, self.rows_per_pass)):
+            items = [{"row": "" if row.error else (row.raw or json.dumps(row.data)),
+                      "error": row.error or "", "error_type": row.error_type}
+                     for row in chunk]
+            dataset = ray.data.from_items(items).map_batches(
+                CapflowWorker, batch_size=self.batch_rows, batch_format="default",
+                concurrency=actors,
+                fn_constructor_kwargs={"config": config, "base_dir": str(first.base_dir)})
+            yield from dataset.iter_batches(batch_size=None, batch_format="default")
+
+
+class _Gathered:
+    """The finished rows as they stream back: their text for the output, the figures added
+    up into each step's summary, a progress line now and then."""
+
+    def __init__(self, summaries: list[RunSummary], total: int | None, settings: Any) -> None:
+        self.summaries = summaries
+        self.total = total
+        self.failed_types: Counter[str] = Counter()
+        self.rows = 0
+        self.began = time.monotonic()
+        self.interval = float(settings.progress_interval or 10)
+        self.progress = bool(settings.progress)
+        self.next_line = self.began + self.interval
+
+    def lines(self, batches: Iterator[dict[str, Any]]) -> Iterator[str]:
+        for batch in batches:
+            for text, figures in zip(batch["row"], batch["figures"], strict=True):
+                if figures:
+                    self._add(json.loads(figures))
+                    continue
+                self.rows += 1
+                if '"_error"' in text:
+                    error = json.loads(text).get("_error")
+                    if isinstance(error, dict):
+                        self.failed_types[str(error.get("type"))] += 1
+                yield str(text)
+            self._tick()
+
+    def _add(self, figures: list[dict[str, Any]]) -> None:
+        for summary, step in zip(self.summaries, figures, strict=False):
+            for name, value in step.items():
+                if name == "stopped":
+                    summary.stopped = summary.stopped or value
+                elif name == "failures":
+                    room = 20 - len(summary.failures)
+                    summary.failures.extend(tuple(f) for f in value[:max(0, room)])
+                else:
+                    setattr(summary, name, getattr(summary, name) + value)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if not self.progress or now < self.next_line:
+            return
+        self.next_line = now + self.interval
+        seconds = now - self.began
+        of = f"/{self.total}" if self.total else ""
+        share_done = f" ({100 * self.rows / self.total:.0f}%)" if self.total else ""
+        print(f"[capflow] {seconds:.0f}s: {self.rows}{of} rows{share_done},"
+              f" {self.rows / seconds:.1f} rows/s", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        for summary in self.summaries:
+            summary.failures.sort(key=lambda f: f[0])
+
+
+@contextlib.contextmanager
+def _ray(num_cpus: int | None) -> Iterator[None]:
+    """Ray for the run: the cluster ``RAY_ADDRESS`` names, else a local one, stopped after."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _write_manifest(job: Job, input_name: str, summary: RunSummary,
+                    started: datetime.datetime, failed: Counter[str]) -> None:
+    from capflow import manifest
+    from capflow.engine import outputs_written
+
+    record = manifest.build(summary, job.settings.run_context, input_name=input_name,
+                            started=started, ended=datetime.datetime.now().astimezone(),
+                            this_run_failures=dict(failed.most_common()),
+                            output_failures=dict(failed.most_common()))
+    record["executor"] = "ray"
+    path = Path(f"{summary.output}{manifest.SUFFIX}")
+    outputs_written.append(summary.output)
+    try:
+        path.write_text(manifest.dumps(record), encoding="utf-8")
+    except OSError as exc:
+        log.warning("could not write the run's manifest %s: %s", path, exc.strerror or exc)
