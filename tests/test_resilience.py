@@ -266,3 +266,18 @@ def test_ctrl_c_stops_a_whole_sweep(tmp_path):
     assert proc.returncode == 130
     assert out.count("capflow stopped") == 1
     assert len(systems) == 1  # the second job never started
+
+
+def test_requests_spread_over_several_endpoints(tmp_path):
+    """api_url=[a,b]: each request goes to the endpoint with the fewest in flight, so a server
+    twice as slow answers about half as many."""
+    data, _ = make_dataset(tmp_path, 60)
+    with FakeOpenAIServer(latency=0.02) as fast, FakeOpenAIServer(latency=0.08) as slow:
+        urls = f"api_url=[{fast.base_url},{slow.base_url}]"
+        result = run_capflow(f"input={data}", f"output={tmp_path / 'out.jsonl'}", urls,
+                             "model_name=m", "max_workers=8", "adaptive=false", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert len(fast.requests) + len(slow.requests) == 60
+        assert len(slow.requests) >= 5 and len(fast.requests) > 1.5 * len(slow.requests)
+    rows = read_rows(tmp_path / "out.jsonl")
+    assert all(r["caption"] == expected_caption(tmp_path / r["image"][0]) for r in rows)

@@ -25,7 +25,8 @@ _VERSION = re.compile(r"v\d+\w*")  # a path segment like v1, v1beta, v2
 class OpenAIServing(Serving):
     """Sends requests to an OpenAI-compatible ``/chat/completions`` endpoint.
 
-    :param api_url: the API base URL, e.g. ``http://127.0.0.1:8000/v1``.
+    :param api_url: the API base URL, e.g. ``http://127.0.0.1:8000/v1``, or a list of them
+        (servers of one model): each request goes to the one with the fewest in flight.
     :param key_name_of_api_key: the NAME of the environment variable holding the API key. When
         it is unset, requests go without a key (fine for local servers); only when the server
         answers 401 or 403 does an error say that the variable is not set.
@@ -49,7 +50,7 @@ class OpenAIServing(Serving):
 
     def __init__(
         self,
-        api_url: str | None,
+        api_url: str | list[str] | None,
         key_name_of_api_key: str | None = "CAPFLOW_API_KEY",
         model_name: str | None = None,
         max_workers: int = 10,
@@ -73,11 +74,16 @@ class OpenAIServing(Serving):
         if int(max_response_bytes) < 1024:
             raise ConfigError("serving.max_response_bytes must be at least 1024, not"
                               f" {max_response_bytes}")
-        self.api_url = str(api_url) if api_url else None
-        if self.api_url and "@" in urlsplit(self.api_url).netloc:
-            # It would go in every log line and saved config; and the key has its own way in.
-            raise ConfigError("api_url must not hold a user name or password: put the API key"
-                              " in the environment variable named by key_name_of_api_key")
+        urls = list(api_url) if isinstance(api_url, (list, tuple)) else [api_url]
+        #: Every endpoint requests are spread over (several servers of one model).
+        self.api_urls = [str(u) for u in urls if u]
+        self.api_url = self.api_urls[0] if self.api_urls else None
+        for url in self.api_urls:
+            if "@" in urlsplit(url).netloc:
+                # It would go in every log line and saved config; the key has its own way in.
+                raise ConfigError("api_url must not hold a user name or password: put the API"
+                                  " key in the environment variable named by"
+                                  " key_name_of_api_key")
         self.key_name_of_api_key = key_name_of_api_key
         self.model_name = model_name
         self.max_workers = int(max_workers)
@@ -91,7 +97,9 @@ class OpenAIServing(Serving):
         }
         self.params = {k: v for k, v in params.items() if v is not None}
         self.extra_body = dict(extra_body or {})
-        self._client: Any = None
+        self._client: Any = None  # the first endpoint's
+        self._clients: list[Any] = []  # one per endpoint
+        self._in_flight: list[int] = []  # requests in flight to each
         self._no_key: str | None = None  # why no key is sent, when none is
 
     def describe(self) -> dict[str, Any]:
@@ -100,7 +108,8 @@ class OpenAIServing(Serving):
             "model": self.model_name,
             "params": self.params,
             "extra_body": self.extra_body,
-            "endpoint": endpoint(self.api_url) if self.api_url else None,
+            "endpoint": (endpoint(self.api_urls[0]) if len(self.api_urls) == 1
+                         else sorted(endpoint(u) for u in self.api_urls) or None),
         }
 
     def unavailable(self) -> str | None:
@@ -119,7 +128,10 @@ class OpenAIServing(Serving):
         options = TransportOptions(timeout=self.timeout, connections=self.max_workers,
                                    max_response_bytes=self.max_response_bytes,
                                    ca_file=self.ca_file)
-        self._client = self._transport_class()(self.api_url, key, options)
+        transport = self._transport_class()
+        self._clients = [transport(url, key, options) for url in self.api_urls]
+        self._in_flight = [0] * len(self._clients)
+        self._client = self._clients[0]
         if not self.model_name:
             try:
                 self.model_name = await self._only_model()
@@ -181,24 +193,31 @@ class OpenAIServing(Serving):
         return models[0]
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        for client in self._clients:
+            await client.close()
+        self._clients, self._client = [], None
 
     async def complete(self, request: Request) -> Response:
         body = {"model": self.model_name, "messages": request.messages, **self.params,
                 **request.body, **self.extra_body}
+        # Several endpoints: the one with the fewest requests in flight, so a slower server
+        # gets fewer.
+        n = min(range(len(self._clients)), key=self._in_flight.__getitem__)
+        client = self._clients[n]
+        self._in_flight[n] += 1
         try:
             if self.send_request_stream:
-                return await self._client.chat_stream(body)
+                return await client.chat_stream(body)
             # The transport reads the answer with _protocol.parse_completion, where the
             # rate-limit headers are at hand.
-            return await self._client.chat(body)
+            return await client.chat(body)
         except ServingError as exc:
             hint = self._hint(exc)
             if hint:  # the row's error, and the stop message, say what to change
                 exc.args = (f"{exc}: {hint}",)
             raise
+        finally:
+            self._in_flight[n] -= 1
 
     def _hint(self, exc: ServingError) -> str | None:
         """The setting that most likely explains a refusal, when one does: a key variable
