@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import json
 import logging
 import os
@@ -45,34 +46,48 @@ class RayExecutor(Executor):
     :param num_cpus: CPUs of the local Ray started when ``RAY_ADDRESS`` is not set (None: all).
     :param batch_rows: rows per batch handed to an actor.
     :param rows_per_pass: rows held by the driver at once; a larger input runs in passes.
+    :param rows_per_shard: rows per file when the output is a folder (``output=out/``).
     """
 
     def __init__(self, num_workers: int = 2, num_cpus: int | None = None,
-                 batch_rows: int = 256, rows_per_pass: int = 100_000) -> None:
-        if int(num_workers) < 1 or int(batch_rows) < 1 or int(rows_per_pass) < 1:
-            raise ConfigError("executor.num_workers, batch_rows and rows_per_pass must be"
-                              " at least 1")
+                 batch_rows: int = 256, rows_per_pass: int = 100_000,
+                 rows_per_shard: int = 100_000) -> None:
+        if min(int(num_workers), int(batch_rows), int(rows_per_pass), int(rows_per_shard)) < 1:
+            raise ConfigError("executor.num_workers, batch_rows, rows_per_pass and"
+                              " rows_per_shard must be at least 1")
         self.num_workers = int(num_workers)
         self.num_cpus = int(num_cpus) if num_cpus else None
         self.batch_rows = int(batch_rows)
         self.rows_per_pass = int(rows_per_pass)
+        self.rows_per_shard = int(rows_per_shard)
 
     def run(self, job: Job) -> list[RunSummary]:
         if job.dry_run:  # nothing is sent: the local engine says what would be
             return LocalExecutor().run(job)
         n = len(job.steps)
-        views = [job.storage.step(output=job.output if i == n - 1 else None) for i in range(n)]
+        # A folder (out/) takes the rows as shards of JSON Lines, for jobs too large for a file.
+        shards = Path(job.output) if job.output and (
+            job.output.endswith(("/", os.sep)) or Path(job.output).is_dir()) else None
+        last_output = None if shards else job.output
+        views = [job.storage.step(output=last_output if i == n - 1 else None) for i in range(n)]
         first, last = views[0], views[-1]
         first.check()
-        check_output_path(last.output_name)
+        if shards is None:
+            check_output_path(last.output_name)
         actors = max(1, min(self.num_workers, int(job.serving.max_workers)))
         config = share(job.config, actors)
         started = datetime.datetime.now().astimezone()
         began = time.perf_counter()
         summaries = [RunSummary(output=view.output_name) for view in views]
+        if shards is not None:
+            summaries[-1].output = str(shards)
         gathered = _Gathered(summaries, first.count(cheap_only=True), job.settings)
         with _ray(self.num_cpus):
-            last.write(gathered.lines(self._passes(first, config, actors)))
+            lines = gathered.lines(self._passes(first, config, actors))
+            if shards is None:
+                last.write(lines)
+            else:
+                write_shards(shards, lines, self.rows_per_shard)
         gathered.done()
         elapsed = time.perf_counter() - began
         for summary in summaries:
@@ -167,6 +182,27 @@ class _Gathered:
             summary.failures.sort(key=lambda f: f[0])
 
 
+def write_shards(folder: Path, lines: Iterator[str], rows_per_shard: int) -> None:
+    """``folder/part-00000.jsonl``, ``part-00001.jsonl``, ... of ``rows_per_shard`` rows each,
+    streamed, each replaced atomically; shards of an earlier, larger run are removed."""
+    from capflow.storage.atomic import write_atomically
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = set()
+    for number in itertools.count():
+        chunk = list(islice(lines, rows_per_shard))
+        if not chunk and number:
+            break
+        path = folder / f"part-{number:05d}.jsonl"
+        write_atomically(path, chunk)
+        written.add(path)
+        if not chunk:
+            break
+    for stale in folder.glob("part-*.jsonl"):
+        if stale not in written:
+            stale.unlink()
+
+
 @contextlib.contextmanager
 def _ray(num_cpus: int | None) -> Iterator[None]:
     """Ray for the run: the cluster ``RAY_ADDRESS`` names, else a local one, stopped after."""
@@ -196,7 +232,9 @@ def _write_manifest(job: Job, input_name: str, summary: RunSummary,
                             this_run_failures=dict(failed.most_common()),
                             output_failures=dict(failed.most_common()))
     record["executor"] = "ray"
-    path = Path(f"{summary.output}{manifest.SUFFIX}")
+    output = Path(summary.output)
+    path = (output / f"capflow{manifest.SUFFIX}" if output.is_dir()
+            else Path(f"{summary.output}{manifest.SUFFIX}"))
     outputs_written.append(summary.output)
     try:
         path.write_text(manifest.dumps(record), encoding="utf-8")

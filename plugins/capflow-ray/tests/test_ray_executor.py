@@ -42,25 +42,28 @@ def run_args(server, *extra: str) -> list[str]:  # noqa: ANN001
     return ["input=data.jsonl", f"api_url={server.base_url}", "model_name=m", *extra]
 
 
+@pytest.mark.parametrize("rows, limit", [(400, 16), pytest.param(2000, 64, marks=pytest.mark.slow)])
 def test_same_rows_as_the_local_engine_with_a_global_in_flight_limit(openai_server, capflow_cli,
-                                                                    tmp_path):
-    dataset(tmp_path, 400)
+                                                                    tmp_path, rows, limit):
+    dataset(tmp_path, rows)
     openai_server.latency = 0.02
     ray = capflow_cli(*run_args(openai_server, "executor=ray", "executor.num_workers=2",
-                                "executor.batch_rows=50", "max_workers=16", "output=ray.jsonl",
-                                "cache.path=ray-cache/responses.sqlite"), timeout=300)
+                                f"max_workers={limit}", "output=ray.jsonl",
+                                "cache.path=ray-cache/responses.sqlite"), timeout=600)
     assert ray.returncode == 0, ray.stderr[-3000:]
-    assert openai_server.stats()["max_in_flight"] <= 16
-    local = capflow_cli(*run_args(openai_server, "output=local.jsonl", "max_workers=16",
+    peak = openai_server.stats()["max_in_flight"]
+    assert peak <= limit
+    print(f"{rows} rows, max_workers={limit}: the server saw at most {peak} in flight")
+    local = capflow_cli(*run_args(openai_server, "output=local.jsonl", f"max_workers={limit}",
                                   "cache.path=local-cache/responses.sqlite"))
     assert local.returncode == 0, local.stderr
     ray_rows, local_rows = read(tmp_path / "ray.jsonl"), read(tmp_path / "local.jsonl")
     assert ray_rows == local_rows  # every field, in input order
     for row in ray_rows:  # each caption is about its own image
         assert row["caption"] == describe_image((tmp_path / row["image"]).read_bytes())
-    assert "400 of 400: 400 done, 0 failed" in ray.stdout
+    assert f"{rows} of {rows}: {rows} done, 0 failed" in ray.stdout
     manifest = json.loads((tmp_path / "ray.jsonl.run.json").read_text())
-    assert manifest["executor"] == "ray" and manifest["summary"]["done"] == 400
+    assert manifest["executor"] == "ray" and manifest["summary"]["done"] == rows
 
 
 def test_a_failed_row_fails_alone_and_the_exit_status_says_so(openai_server, capflow_cli,
@@ -151,3 +154,18 @@ def _descendants(root: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def test_a_folder_output_takes_the_rows_as_shards(openai_server, capflow_cli, tmp_path):
+    dataset(tmp_path, 25)
+    result = capflow_cli(*run_args(openai_server, "executor=ray", "executor.num_workers=2",
+                                   "executor.batch_rows=4", "executor.rows_per_shard=10",
+                                   "output=shards/"), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parts = sorted((tmp_path / "shards").glob("part-*.jsonl"))
+    assert [p.name for p in parts] == ["part-00000.jsonl", "part-00001.jsonl",
+                                       "part-00002.jsonl"]
+    rows = [r for p in parts for r in read(p)]
+    assert [r["id"] for r in rows] == [f"{i:05d}" for i in range(25)]
+    assert all(r["caption"] for r in rows)
+    assert (tmp_path / "shards" / "capflow.run.json").is_file()
