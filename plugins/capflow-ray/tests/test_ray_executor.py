@@ -138,6 +138,8 @@ def test_killed_with_sigkill_the_rerun_completes_paying_little_twice(openai_serv
     assert all(r["caption"] for r in out)
     asked = Counter(r.images[0] for r in openai_server.requests)
     paid_twice = sum(n - 1 for n in asked.values() if n > 1)
+    print(f"killed after {first} requests; the rerun sent {len(openai_server.requests) - first},"
+          f" {paid_twice} of them paid twice")
     assert paid_twice <= 2 * 8, (paid_twice, first)
 
 
