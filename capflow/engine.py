@@ -145,7 +145,10 @@ class _Step:
         self.cache: ResponseCache | None = None
         self.rules = settings.stop
         self.sender = Sender(self.serving, self.summary, self.rules, self.stop,
-                             rpm=settings.rpm, tpm=settings.tpm, adaptive=settings.adaptive,
+                             rpm=settings.rpm, tpm=settings.tpm,
+                             # A batch's answers take hours: no latency to adapt to.
+                             adaptive=settings.adaptive and not getattr(
+                                 self.serving, "batched", False),
                              outage_s=settings.outage_s)
         self.progress = Progress(None, enabled=False)
         self.started = False

@@ -2,5 +2,6 @@
 
 from capflow.serving.base import Serving
 from capflow.serving.openai import OpenAIServing
+from capflow.serving.openai_batch import OpenAIBatchServing
 
-__all__ = ["OpenAIServing", "Serving"]
+__all__ = ["OpenAIBatchServing", "OpenAIServing", "Serving"]

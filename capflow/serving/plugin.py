@@ -2,8 +2,10 @@
 
 from capflow.hookspecs import hookimpl
 from capflow.serving.openai import OpenAIServing
+from capflow.serving.openai_batch import OpenAIBatchServing
 
 
 @hookimpl
 def capflow_register_servings(register):  # noqa: ANN001 - see capflow.hookspecs
     register("openai", OpenAIServing)
+    register("openai_batch", OpenAIBatchServing)

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from capflow.testing.api_errors import ApiError
 from capflow.testing.background import BackgroundServer
+from capflow.testing.batch_api import BatchApi, SubmittedBatch
 from capflow.testing.chat_reply import answer_text, completion, stream
 from capflow.testing.chat_request import RecordedRequest, parse_messages, read_body, read_chat
 from capflow.testing.faults import FaultConfig, FaultInjector, apply_fault
@@ -40,9 +41,26 @@ class FakeOpenAIServer(BackgroundServer):
         failure: ``(status, message)``: answer every chat request with this error (an outage,
             or a model that cannot do what is asked).
         port: port on 127.0.0.1; 0 picks a free one (see :attr:`port`).
+        batch_latency: seconds a batch of the Batch API waits before answering its lines.
 
     ``latency``, ``api_key`` and ``failure`` are plain attributes and may be changed while
     running (``POST /_failure`` changes ``failure`` from another process).
+
+    The Batch API (``/v1/files``, ``/v1/batches``: see :mod:`capflow.testing.batch_api`) reads
+    these plain attributes when a batch is created or run (``POST /_batch_faults`` sets them
+    from another process; :meth:`set_batch_faults` sets the faults at once):
+
+    - ``batch_latency``: seconds before a batch answers its first line;
+    - ``batch_line_latency``: seconds before each line (so a cancel can land mid-batch);
+    - ``batch_error_rate``: fraction of custom_ids answered with a 500 in the error file,
+      picked from ``batch_seed`` and the custom_id alone, on each line's first
+      ``batch_error_attempts`` runs (so a resubmitted line succeeds);
+    - ``fail_next``: the next N batches fail as a whole (``errors``, nothing answered);
+    - ``expire_next``: the next N batches expire after answering ``batch_expire_after`` lines,
+      the others going to the error file as ``batch_expired``.
+
+    Batches do not meet the live endpoint's ``latency``, ``faults``, ``failure`` or limits, and
+    their lines are not in :attr:`requests`.
     """
 
     thread_name = "capflow-fake-openai"
@@ -59,6 +77,7 @@ class FakeOpenAIServer(BackgroundServer):
         slots: int | None = None,
         failure: tuple[int, str] | None = None,
         port: int = 0,
+        batch_latency: float = 0.2,
     ) -> None:
         super().__init__()
         self.latency = latency
@@ -72,6 +91,15 @@ class FakeOpenAIServer(BackgroundServer):
         self._requested_port = port
         self._port: int | None = None
         self._log = RequestLog()
+        self.batch_latency = batch_latency
+        self.batch_line_latency = 0.0
+        self.batch_error_rate = 0.0
+        self.batch_error_attempts = 1
+        self.batch_seed = 0
+        self.batch_expire_after = 0
+        self.expire_next = 0
+        self.fail_next = 0
+        self._batches = BatchApi(self, self._check_auth, self._log.next_completion_id)
 
     # -- introspection (safe from any thread) ---------------------------------
 
@@ -106,10 +134,34 @@ class FakeOpenAIServer(BackgroundServer):
         ``FaultConfig`` fields); no rates: none."""
         self.faults = FaultInjector(FaultConfig(seed=seed, **rates))
 
+    @property
+    def batches_submitted(self) -> list[SubmittedBatch]:
+        """Every batch created through the Batch API, in creation order: its id, input file
+        and its lines' custom_ids."""
+        return self._batches.submitted()
+
+    @property
+    def batch_lines_answered(self) -> dict[str, int]:
+        """``{custom_id: times a batch answered it with status 200}``, over all batches."""
+        return self._batches.answered()
+
+    def set_batch_faults(self, error_rate: float = 0.0, *, attempts: int = 1, seed: int = 0,
+                         fail_next: int = 0, expire_next: int = 0,
+                         expire_after: int = 0) -> None:
+        """Set the Batch API's faults at once (see the class docstring); no arguments: none."""
+        if not 0 <= error_rate <= 1:
+            raise ValueError("error_rate must be within [0, 1]")
+        self.batch_error_rate, self.batch_error_attempts, self.batch_seed = (
+            error_rate, attempts, seed)
+        self.fail_next, self.expire_next, self.batch_expire_after = (
+            fail_next, expire_next, expire_after)
+
     def reset(self) -> None:
-        """Clear records and counters and restart the fault sequence."""
+        """Clear records and counters and restart the fault sequence (the Batch API's records
+        and its lines' attempt counts too; stored files and batches stay)."""
         self._log.reset()
         self.faults.reset()
+        self._batches.reset()
 
     # -- HTTP handlers -------------------------------------------------------
 
@@ -123,6 +175,7 @@ class FakeOpenAIServer(BackgroundServer):
         app.router.add_get("/_log", self._log_handler)
         app.router.add_post("/_reset", self._reset_handler)
         app.router.add_post("/_failure", self._failure_handler)
+        self._batches.add_routes(app)
         return app
 
     def _check_auth(self, request: web.Request) -> None:

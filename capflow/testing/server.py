@@ -1,4 +1,5 @@
-"""A small, fast, real HTTP server speaking the OpenAI chat-completions protocol.
+"""A small, fast, real HTTP server speaking the OpenAI chat-completions protocol (and its Batch
+and Files APIs: see :mod:`capflow.testing.batch_api`).
 
 Answers are deterministic captions derived from the images in the request (see
 :func:`describe_image`), so tests can compute the expected caption themselves.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import sys
 
 from capflow.testing.api_errors import error_response
+from capflow.testing.batch_api import BATCH_SETTINGS, SubmittedBatch, parse_batch_file
 from capflow.testing.chat_reply import TOKENS_PER_IMAGE
 from capflow.testing.chat_request import RecordedRequest
 from capflow.testing.fake_answers import asked_schema, fake_object
@@ -30,6 +32,7 @@ from capflow.testing.image_descriptions import describe_image
 from capflow.testing.server_command import main
 
 __all__ = [
+    "BATCH_SETTINGS",
     "DEFAULT_MODEL",
     "FAULT_KINDS",
     "HOST",
@@ -38,6 +41,7 @@ __all__ = [
     "FaultConfig",
     "FaultInjector",
     "RecordedRequest",
+    "SubmittedBatch",
     "add_fault_arguments",
     "apply_fault",
     "asked_schema",
@@ -46,6 +50,7 @@ __all__ = [
     "error_response",
     "fake_object",
     "main",
+    "parse_batch_file",
 ]
 
 if __name__ == "__main__":

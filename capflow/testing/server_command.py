@@ -29,6 +29,12 @@ def _build_parser() -> argparse.ArgumentParser:
                    " --latency seconds); the others wait in line")
     p.add_argument("--fail-status", type=int, help="answer every request with this status")
     p.add_argument("--fail-message", default="server failure", help="... and this message")
+    p.add_argument("--batch-latency", type=float, default=0.2,
+                   help="seconds a Batch API batch waits before answering its lines")
+    p.add_argument("--batch-error-rate", type=float, default=0.0, metavar="RATE",
+                   help="fraction of batch lines (by custom_id, from --seed) answered with a 500")
+    p.add_argument("--batch-error-attempts", type=int, default=1, metavar="N",
+                   help="... on their first N runs only")
     add_fault_arguments(p)
     return p
 
@@ -56,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                               slots=args.slots,
                               failure=(args.fail_status, args.fail_message)
                               if args.fail_status else None,
-                              port=args.port)
+                              port=args.port, batch_latency=args.batch_latency)
+    server.set_batch_faults(args.batch_error_rate, attempts=args.batch_error_attempts,
+                            seed=args.seed)
     loop = _new_loop()
 
     async def run() -> None:
