@@ -113,3 +113,39 @@ def test_wait_false_ends_after_submitting_and_the_next_run_collects(server, tmp_
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert len(server.batches_submitted) == 1
     assert all(r["caption"] for r in read_rows(out)) and answered_once(server)
+
+
+def test_batch_file_round_trips_100_rows_through_a_results_file(server, tmp_path):
+    """serving=batch_file writes the lines; the test server's batch logic answers the file (as
+    vllm run-batch would); the next run reads the answers back into rows."""
+    import openai
+
+    data, _ = make_dataset(tmp_path, 100)
+    out = tmp_path / "out.jsonl"
+    args = [f"input={data}", f"output={out}", "serving=batch_file", "model_name=m",
+            "serving.flush_after=0.1", "progress=false"]
+    first = run_capflow(*args, cwd=tmp_path)
+    assert first.returncode == 1 and "BatchSubmitted" in first.stdout + first.stderr
+    requests = tmp_path / "batch_requests.jsonl"
+    assert len(requests.read_text().splitlines()) == 100
+    again = run_capflow(*args, cwd=tmp_path)  # no results yet: nothing written twice
+    assert again.returncode == 1 and len(requests.read_text().splitlines()) == 100
+
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused")
+    upload = client.files.create(file=requests.open("rb"), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    deadline = time.monotonic() + 30
+    while batch.status not in ("completed", "failed") and time.monotonic() < deadline:
+        time.sleep(0.1)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.output_file_id
+    results = tmp_path / "results.jsonl"
+    results.write_bytes(client.files.content(batch.output_file_id).read())
+
+    done = run_capflow(*args, f"serving.results_file={results}", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = read_rows(out)
+    assert len(rows) == 100
+    assert all(r["caption"] == expected_caption(tmp_path / r["image"][0]) for r in rows)
+    assert server.requests == []

@@ -125,7 +125,7 @@ def test_plugins_options_are_listed_with_their_descriptions(tmp_path):
     config.add_search_path(f"file://{tmp_path}")
     config.add_node("prompt", "tanka", Tanka)
     text = render(registry)
-    assert "serving: local, openai, openai_batch" in text.splitlines()
+    assert "serving: batch_file, local, openai, openai_batch" in text.splitlines()
     assert ("prompt: alt_text, concise, detailed, ocr, seed, structured, tags, tanka"
             in text.splitlines())
     lines = text.splitlines()
@@ -147,7 +147,7 @@ def test_an_installed_plugins_option_is_in_the_console_scripts_help(tmp_path):
     result = run_capflow("--help", cwd=tmp_path, env={"PYTHONPATH": str(target),
                                                       "CAPFLOW_DISABLE_PLUGINS": ""})
     assert result.returncode == 0, result.stderr
-    assert "serving: echo, openai, openai_batch" in result.stdout.splitlines()
+    assert "serving: batch_file, echo, openai, openai_batch" in result.stdout.splitlines()
     assert re.search(r"^    echo +answers locally, without a model \(from the capflow-echo"
                      r" plugin\)\.$", result.stdout, re.MULTILINE), result.stdout
 

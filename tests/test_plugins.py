@@ -250,8 +250,8 @@ def test_plugins_load_and_say_what_they_provide(on_path):
     assert pm.get_plugin("echo") is sys.modules["capflow_echo"]
     assert registry.provided_by("echo") == ["serving echo", "serving=echo"]
     assert registry.search_paths == ["pkg://capflow_echo.conf"]
-    assert registry.provided_by("capflow.serving.plugin") == ["serving openai",
-                                                             "serving openai_batch"]
+    assert registry.provided_by("capflow.serving.plugin") == [
+        "serving openai", "serving openai_batch", "serving batch_file"]
 
 
 def test_disabling_one_plugin_switches_off_only_that_one(on_path):
@@ -269,6 +269,7 @@ def test_disabling_one_plugin_switches_off_only_that_one(on_path):
     assert registry.components["serving"] == {
         "openai": registry.components["serving"]["openai"],
         "openai_batch": registry.components["serving"]["openai_batch"],
+        "batch_file": registry.components["serving"]["batch_file"],
         "echonode": (echo_serving, "echonode")}
 
 
@@ -291,7 +292,7 @@ def test_disable_all_switches_off_every_third_party_plugin_but_no_builtin(on_pat
         DEFAULT_PLUGINS
     )
     assert {kind: sorted(known) for kind, known in registry.components.items()} == {
-        "storage": ["file"], "serving": ["openai", "openai_batch"],
+        "storage": ["file"], "serving": ["batch_file", "openai", "openai_batch"],
         "operator": ["prompted_vqa", "row_filter"],
         "executor": ["local"],
     }
@@ -319,8 +320,8 @@ def test_capflow_plugins_lists_builtins_and_what_they_provide(tmp_path):
     assert result.returncode == 0, result.stderr
     blocks = listing(result.stdout)
     assert blocks.pop("capflow.storage.plugin (built-in)") == ["storage file"]
-    assert blocks.pop("capflow.serving.plugin (built-in)") == ["serving openai",
-                                                              "serving openai_batch"]
+    assert blocks.pop("capflow.serving.plugin (built-in)") == [
+        "serving openai", "serving openai_batch", "serving batch_file"]
     assert blocks.pop("capflow.operators.plugin (built-in)") == [
         "operator prompted_vqa", "operator row_filter"]
     assert blocks.pop("capflow.executors.plugin (built-in)") == ["executor local"]
@@ -341,7 +342,7 @@ def test_install_use_and_uninstall_the_echo_plugin(echo_venv, sources, dataset, 
     # capflow comes from the base environment; capflow-echo is not installed yet.
     assert venv.python(where).split() == [capflow.__file__, "None"]
     assert config_groups(checked(venv.capflow("--help", cwd=tmp_path)).stdout)["serving"] == (
-        "openai, openai_batch"
+        "batch_file, openai, openai_batch"
     )
 
     source = sources["capflow-echo"]
@@ -362,7 +363,7 @@ def test_install_use_and_uninstall_the_echo_plugin(echo_venv, sources, dataset, 
         assert "echo (capflow-echo 0.1.0)" in listed.splitlines()
         assert listing(listed)["echo (capflow-echo 0.1.0)"] == ["serving echo", "serving=echo"]
         help_text = checked(venv.capflow("--help", cwd=tmp_path)).stdout
-        assert "serving: echo, openai, openai_batch" in help_text.splitlines()
+        assert "serving: batch_file, echo, openai, openai_batch" in help_text.splitlines()
     finally:
         venv.pip("uninstall", "-y", "capflow-echo")
 
@@ -372,7 +373,7 @@ def test_install_use_and_uninstall_the_echo_plugin(echo_venv, sources, dataset, 
     assert "serving=echo comes from the example plugin" in result.stderr, result.stderr
     assert not out.exists()
     help_text = checked(venv.capflow("--help", cwd=tmp_path)).stdout
-    assert config_groups(help_text)["serving"] == "openai, openai_batch"
+    assert config_groups(help_text)["serving"] == "batch_file, openai, openai_batch"
     listed = checked(venv.capflow("plugins", cwd=tmp_path)).stdout
     assert not [h for h in listing(listed) if h.startswith("echo ")]
 
@@ -422,7 +423,7 @@ def test_console_script_honours_disabled_plugins(clash_venv, dataset, tmp_path):
     listed = checked(clash_venv.capflow("plugins", cwd=tmp_path, disable="all")).stdout
     assert all(h.endswith("(built-in)") for h in listing(listed)), listed
     help_text = checked(clash_venv.capflow("--help", cwd=tmp_path, disable="all")).stdout
-    assert config_groups(help_text)["serving"] == "openai, openai_batch"
+    assert config_groups(help_text)["serving"] == "batch_file, openai, openai_batch"
     # ... and naming the others leaves one plugin on, which works.
     out = tmp_path / "out.jsonl"
     result = clash_venv.capflow("serving=echo", f"input={dataset[0]}", f"output={out}",

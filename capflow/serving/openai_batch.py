@@ -156,11 +156,16 @@ class OpenAIBatchServing(OpenAIServing):
 
     # -- one request --------------------------------------------------------------------------
 
-    async def complete(self, request: Request) -> Response:
-        assert self._ledger is not None
+    def line_for(self, request: Request) -> tuple[str, dict[str, Any]]:
+        """The request's batch line: its ``custom_id`` (a digest of the body, so the same row
+        asked again is the same line) and its body."""
         body = {"model": self.model_name, "messages": request.messages, **self.params,
                 **request.body, **self.extra_body}
-        custom_id = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:40]
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:40], body
+
+    async def complete(self, request: Request) -> Response:
+        assert self._ledger is not None
+        custom_id, body = self.line_for(request)
         future = self._waiting.get(custom_id)
         if future is None:
             line = self._ledger.line(custom_id)

@@ -1,6 +1,7 @@
 """Registers the built-in servings, exactly as a third-party plugin would."""
 
 from capflow.hookspecs import hookimpl
+from capflow.serving.batch_file import BatchFileServing
 from capflow.serving.openai import OpenAIServing
 from capflow.serving.openai_batch import OpenAIBatchServing
 
@@ -9,3 +10,4 @@ from capflow.serving.openai_batch import OpenAIBatchServing
 def capflow_register_servings(register):  # noqa: ANN001 - see capflow.hookspecs
     register("openai", OpenAIServing)
     register("openai_batch", OpenAIBatchServing)
+    register("batch_file", BatchFileServing)
