@@ -212,7 +212,10 @@ class _Step:
         summary = self.summary
         if summary.total is None and summary.stopped is None:
             summary.total = summary.rows  # the whole input was read
-        summary.cost = self.rules.cost(summary.prompt_tokens, summary.completion_tokens)
+        live = self.rules.cost(summary.prompt_tokens, summary.completion_tokens)
+        # A batch serving's answers cost a fraction of live ones (half, on OpenAI's Batch API).
+        summary.cost = live * float(getattr(self.serving, "price_factor", 1.0))
+        summary.saved = live - summary.cost
         summary.elapsed = time.perf_counter() - began
         self.sender.report(summary)
         if self.journal is not None:

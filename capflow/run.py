@@ -70,6 +70,7 @@ class RunSummary:
     cache_hits: int = 0
     cache_size: int = 0
     cost: float = 0.0
+    saved: float = 0.0  # what the same answers would have cost more as live requests
     output_ok: int = 0  # rows in the output: captioned (this run or earlier ones) ...
     output_failed: int = 0  # ... and with an error record
     estimated_usage: int = 0  # answers without usage, whose tokens were estimated

@@ -55,6 +55,7 @@ def format_summary(s: RunSummary) -> str:
             f"  tokens    {s.prompt_tokens} prompt + {s.completion_tokens} completion"
             f" = {s.prompt_tokens + s.completion_tokens}"
             + (f", cost {s.cost:.4f}" if s.cost else "")
+            + (f" (batch price; {s.saved:.4f} less than live requests)" if s.saved else "")
             + (f" (estimated for {_plural(s.estimated_usage, 'answer')} without usage)"
                if s.estimated_usage else ""),
         ]

@@ -4,6 +4,7 @@ live request, no line answered twice, resumable after a kill, failed lines resub
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -93,9 +94,13 @@ def test_files_over_the_limits_are_split_into_several_batches(server, tmp_path):
     data, _ = make_dataset(tmp_path, 30)
     server.batch_latency = 0.05
     out = tmp_path / "out.jsonl"
-    result = run_capflow(*batch_args(server, data, out, "serving.max_requests_per_batch=7"),
-                         cwd=tmp_path)
+    result = run_capflow(*batch_args(server, data, out, "serving.max_requests_per_batch=7",
+                                     "price.prompt_per_million=2",
+                                     "price.completion_per_million=8"), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    # Half the live price, and the other half shown as saved.
+    cost = re.search(r"cost (\d+\.\d+) \(batch price; (\d+\.\d+) less than live", result.stdout)
+    assert cost and float(cost[1]) > 0 and cost[1] == cost[2], result.stdout
     sizes = [len(b.custom_ids) for b in server.batches_submitted]
     assert len(sizes) >= 5 and max(sizes) <= 7 and sum(sizes) == 30
     assert len(read_rows(out)) == 30 and answered_once(server)

@@ -56,6 +56,8 @@ class OpenAIBatchServing(OpenAIServing):
         submitted.
     :param wait: wait for the batches and collect them; false: end once they are submitted.
     :param max_batch_attempts: batches a line may go in before its row fails.
+    :param price_factor: the batch price as a fraction of the live one (``price.*`` in the
+        config); the summary shows the cost at this price and what it saved.
     """
 
     #: Answers take minutes to hours: the engine neither adapts its sending to their latency
@@ -66,7 +68,7 @@ class OpenAIBatchServing(OpenAIServing):
                  max_requests_per_batch: int = 50_000, max_bytes_per_batch: int = 190_000_000,
                  completion_window: str = "24h", poll_interval: float = 30.0,
                  flush_after: float = 1.0, wait: bool = True, max_batch_attempts: int = 3,
-                 **kwargs: Any) -> None:
+                 price_factor: float = 0.5, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if int(max_requests_per_batch) < 1 or int(max_bytes_per_batch) < 1024:
             raise ConfigError("serving.max_requests_per_batch must be at least 1 and"
@@ -82,6 +84,7 @@ class OpenAIBatchServing(OpenAIServing):
         self.flush_after = float(flush_after)
         self.wait = bool(wait)
         self.max_batch_attempts = int(max_batch_attempts)
+        self.price_factor = float(price_factor)
         self._ledger: BatchLedger | None = None
         self._api: Any = None
         self._waiting: dict[str, asyncio.Future[Response]] = {}
