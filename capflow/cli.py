@@ -49,6 +49,10 @@ def main() -> None:
         from capflow.models_command import main as models
 
         sys.exit(models(argv[1:]))
+    if argv[:1] == ["batches"]:
+        from capflow.batches_command import main as batches
+
+        sys.exit(batches(argv[1:]))
     if argv[:1] == ["compare"]:
         from capflow.compare_command import main as compare
         sys.exit(compare(argv[1:]))

@@ -37,6 +37,8 @@ COMMANDS = (
     ("capflow show OUTPUT [--html FILE]",
      "counts, failures by type and sample captions of an output; --html writes a gallery page"),
     ("capflow compare OUTPUTS --out DIR", "outputs side by side: figures, charts, answers"),
+    ("capflow batches cancel OUTPUT", "cancel the batches a serving=openai_batch run left"
+     " running"),
     ("capflow --hydra-help", "Hydra's own flags (--info, --package, --config-dir, ...)"),
     ("capflow --version", ""),
 )

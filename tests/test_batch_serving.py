@@ -154,3 +154,25 @@ def test_batch_file_round_trips_100_rows_through_a_results_file(server, tmp_path
     assert len(rows) == 100
     assert all(r["caption"] == expected_caption(tmp_path / r["image"][0]) for r in rows)
     assert server.requests == []
+
+
+def test_capflow_batches_cancel_cancels_what_a_run_left_running(server, tmp_path):
+    data, _ = make_dataset(tmp_path, 6)
+    server.batch_latency = 30.0  # still running when capflow leaves
+    out = tmp_path / "out.jsonl"
+    first = run_capflow(*batch_args(server, data, out, "serving.wait=false"), cwd=tmp_path)
+    assert "still running" in first.stdout
+    (batch,) = server.batches_submitted
+    result = run_capflow("batches", "cancel", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"cancelled 1 batch(es): {batch.id}" in result.stdout
+    import openai
+
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused")
+    deadline = time.monotonic() + 10
+    while client.batches.retrieve(batch.id).status != "cancelled" and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.batches.retrieve(batch.id).status == "cancelled"
+    again = run_capflow("batches", "cancel", str(out), cwd=tmp_path)
+    assert "cancelled 0 batch(es)" in again.stdout
