@@ -94,6 +94,8 @@ class RayExecutor(Executor):
             summary.elapsed = elapsed
             summary.total = summaries[0].rows
             summary.max_workers = int(job.serving.max_workers)
+            # The actors' ceilings together (each adapts its own below it).
+            summary.limit = summary.limit_lowest = actors * int(config["serving"]["max_workers"])
         final = summaries[-1]
         final.output_ok = final.done + final.skipped
         final.output_failed = sum(gathered.failed_types.values())
@@ -122,7 +124,7 @@ class RayExecutor(Executor):
                      for row in chunk]
             dataset = ray.data.from_items(items).map_batches(
                 CapflowWorker, batch_size=self.batch_rows, batch_format="default",
-                concurrency=actors,
+                compute=ray.data.ActorPoolStrategy(size=actors),
                 fn_constructor_kwargs={"config": config, "base_dir": str(first.base_dir)})
             yield from dataset.iter_batches(batch_size=None, batch_format="default")
 
@@ -160,6 +162,8 @@ class _Gathered:
             for name, value in step.items():
                 if name == "stopped":
                     summary.stopped = summary.stopped or value
+                elif name == "cache_size":  # the actors share one cache: its size, not a sum
+                    summary.cache_size = max(summary.cache_size, value)
                 elif name == "failures":
                     room = 20 - len(summary.failures)
                     summary.failures.extend(tuple(f) for f in value[:max(0, room)])

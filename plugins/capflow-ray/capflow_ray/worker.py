@@ -23,7 +23,7 @@ from capflow import Operator, Row, RunSummary, Serving, Storage
 # Figures of a step's summary an actor reports for each batch; the driver adds them up.
 FIGURES = ("rows", "done", "failed", "skipped", "requests", "retries", "prompt_tokens",
            "completion_tokens", "cache_hits", "images", "image_bytes", "estimated_usage",
-           "rate_limited", "outages", "dropped")
+           "rate_limited", "outages", "dropped", "cache_size")
 
 
 class BatchStorage(Storage):
