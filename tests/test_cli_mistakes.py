@@ -27,7 +27,8 @@ def one_line_error(result) -> str:  # noqa: ANN001 - a CompletedProcess
     (["image.max_sid=800"], "unknown key image.max_sid: did you mean image.max_side?"),
     (["promt=concise"], "unknown key promt: did you mean prompt?"),
     (["serving=opnai"],
-     "unknown option serving=opnai: did you mean serving=openai? (serving options: openai)"),
+     "unknown option serving=opnai: did you mean serving=openai? (serving options:"
+     " batch_file, openai, openai_batch)"),
     (["-m", "prompt=concise,detaild"], "unknown option prompt=detaild: did you mean"
      " prompt=detailed? (prompt options: alt_text, concise, detailed, ocr, seed,"
      " structured, tags)"),
@@ -49,7 +50,8 @@ def test_a_misspelt_key_or_option_is_one_line_and_nothing_starts(server, tmp_pat
 def test_an_example_plugins_option_says_how_to_install_it(tmp_path):
     line = one_line_error(run_capflow("serving=echo", cwd=tmp_path))
     assert "serving=echo comes from the example plugin: pip install -e " in line
-    assert "plugins/capflow-echo" in line and "serving options: openai" in line
+    assert "plugins/capflow-echo" in line
+    assert "serving options: batch_file, openai, openai_batch" in line
 
 
 def test_a_value_below_a_null_node_says_to_add_it(tmp_path):
@@ -74,7 +76,7 @@ def test_adding_a_key_that_is_there_says_to_drop_the_plus(tmp_path):
 @pytest.mark.parametrize(("args", "expected"), [
     (["max_worker=5"], "capflow: error: unknown key max_worker: did you mean max_workers?"),
     (["serving=opnai"], "capflow: error: unknown option serving=opnai: did you mean"
-     " serving=openai? (serving options: openai)"),
+     " serving=openai? (serving options: batch_file, openai, openai_batch)"),
     (["max_workers=["], "capflow: error: cannot read max_workers=[: no viable alternative at"
      " input '['"),
 ])

@@ -194,7 +194,8 @@ def test_help_lists_groups_and_options(tmp_path):
     result = run_capflow("--help", cwd=tmp_path)
     assert result.returncode == 0
     assert "prompt: alt_text, concise, detailed, ocr, seed, structured, tags" in result.stdout
-    assert "serving: openai" in result.stdout and "storage: file" in result.stdout
+    assert "serving: batch_file, openai, openai_batch" in result.stdout
+    assert "storage: file" in result.stdout
 
 
 def test_cfg_job_shows_interpolated_knobs(tmp_path):
@@ -213,7 +214,8 @@ def test_bad_input_file_is_a_one_line_error(tmp_path):
 def test_an_unknown_option_is_a_usage_error(tmp_path):
     result = run_capflow("serving=xyz", cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr == "capflow: error: unknown option serving=xyz (serving options: openai)\n"
+    assert result.stderr == ("capflow: error: unknown option serving=xyz (serving options:"
+                             " batch_file, openai, openai_batch)\n")
 
 
 def test_version(tmp_path):

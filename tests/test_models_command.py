@@ -84,7 +84,7 @@ def test_no_api_url_is_a_config_error(tmp_path):
     [
         (["api_ur=http://127.0.0.1:9/v1"], "did you mean api_url?"),
         (["serving.transprt=http"], "did you mean serving.transport?"),
-        (["serving=nope"], "(options: openai"),
+        (["serving=nope"], "(options: batch_file, openai, openai_batch"),
         (["api_url"], "overrides are key=value"),
         (["api_url=ftp://127.0.0.1/v1"], "must be an http(s) URL"),
         (["api_url=http://127.0.0.1:9/v1", "serving.ca_file=/no/such/ca.pem"], "ca_file"),

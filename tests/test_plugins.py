@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import site
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_dataset, read_rows, run_capflow
+from venvs import PIP_FLAGS, checked, copy_source, listing
 
 import capflow
 from capflow.errors import PluginError
@@ -47,7 +47,6 @@ FIXTURE_MODULES = ("capflow_echo", "capflow_echo_clash", "capflow_echo_node", "c
 QUESTION = "Generate detailed captions based on image content."  # make_dataset's question
 ECHO_CAPTION = f"echo: {QUESTION} (1 images)"  # capflow-echo's answer for a one-image row
 NODE_CAPTION = f"node: {QUESTION} (1 images)"  # the same serving through capflow-echo-node
-PIP_FLAGS = ("--no-index", "--no-deps", "--no-build-isolation", "--disable-pip-version-check")
 N_ROWS = 3
 
 
@@ -63,31 +62,10 @@ def clash_pair(message: str, kind: str) -> set[str]:
     return {match[1], match[2]}
 
 
-def listing(stdout: str) -> dict[str, list[str]]:
-    """``capflow plugins`` output as {header line: the indented lines under it}."""
-    blocks: dict[str, list[str]] = {}
-    header = ""
-    for line in stdout.splitlines():
-        if line.startswith("    "):
-            blocks[header].append(line.strip())
-        elif line.strip():
-            header = line
-            blocks[header] = []
-    return blocks
-
-
 def config_groups(help_text: str) -> dict[str, str]:
     """The ``group: option, option`` lines of ``capflow --help``."""
     section = help_text.split("== Config groups", 1)[1].split("== Config (", 1)[0]
     return dict(line.split(": ", 1) for line in section.splitlines()[1:] if ": " in line)
-
-
-def copy_source(src: Path, dest_root: Path) -> Path:
-    """Copy a package source tree without build leftovers; returns the copy."""
-    dest = dest_root / src.name
-    shutil.copytree(src, dest, ignore=shutil.ignore_patterns(
-        "build", "dist", "*.egg-info", "__pycache__"))
-    return dest
 
 
 def run(*cmd: str | Path, cwd: Path, env: dict[str, str] | None = None,
@@ -100,11 +78,6 @@ def run(*cmd: str | Path, cwd: Path, env: dict[str, str] | None = None,
     full_env.update(env or {})
     return subprocess.run([str(c) for c in cmd], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def checked(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert result.returncode == 0, f"{result.args} failed:\n{result.stdout}\n{result.stderr}"
-    return result
 
 
 @dataclass

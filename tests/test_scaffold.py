@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_capflow
-from venvs import checked, make_venv, run, run_suites
+from venvs import checked, listing, make_venv, run, run_suites
 
 from capflow.scaffold import KINDS, MAX_NAME, main, new_plugin
 
@@ -32,19 +32,6 @@ PROVIDES = {
     "operator": ["operator file-size", "pipeline=file-size"],
     "observer": ["run-log=on"],
 }
-
-
-def listing(stdout: str) -> dict[str, list[str]]:
-    """``capflow plugins`` output as {header line: the indented lines under it}."""
-    blocks: dict[str, list[str]] = {}
-    header = ""
-    for line in stdout.splitlines():
-        if line.startswith("    "):
-            blocks[header].append(line.strip())
-        elif line.strip():
-            header = line
-            blocks[header] = []
-    return blocks
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,19 @@ def checked(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedPro
     return result
 
 
+def listing(stdout: str) -> dict[str, list[str]]:
+    """``capflow plugins`` output as {header line: the indented lines under it}."""
+    blocks: dict[str, list[str]] = {}
+    header = ""
+    for line in stdout.splitlines():
+        if line.startswith("    "):
+            blocks[header].append(line.strip())
+        elif line.strip():
+            header = line
+            blocks[header] = []
+    return blocks
+
+
 def copy_source(src: Path, dest_root: Path) -> Path:
     """Copy a package's source tree without build leftovers (building the copy leaves none in
     the repository); returns the copy."""
