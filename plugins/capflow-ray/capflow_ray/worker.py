@@ -14,6 +14,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,7 @@ class CapflowWorker:
         self.base_dir = Path(base_dir)
         self.spent_tokens = 0
         self.spent_cost = 0.0
+        self.last_batch_end = 0.0
 
     def _stop_rules(self) -> Any:
         rules = self.settings.stop
@@ -109,6 +111,18 @@ class CapflowWorker:
         return dataclasses.replace(rules, max_tokens_total=left_tokens, max_cost=left_cost)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.settings.rpm:
+            # Each batch's engine paces from its first request: one interval after the last
+            # batch, so that two batches' requests are spaced as one run's would be.
+            gap = 60.0 / self.settings.rpm - (time.monotonic() - self.last_batch_end)
+            if gap > 0:
+                time.sleep(gap)
+        try:
+            return self._run(batch)
+        finally:
+            self.last_batch_end = time.monotonic()
+
+    def _run(self, batch: dict[str, Any]) -> dict[str, Any]:
         rows = [Row(i, {}, None, error=str(error), error_type=str(kind)) if error
                 else _row(i, text)
                 for i, (text, error, kind) in enumerate(
