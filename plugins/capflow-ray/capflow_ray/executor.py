@@ -81,14 +81,17 @@ class RayExecutor(Executor):
         summaries = [RunSummary(output=view.output_name) for view in views]
         if shards is not None:
             summaries[-1].output = str(shards)
-        gathered = _Gathered(summaries, first.count(cheap_only=True), job.settings)
+        dropped = _dropped_files(job, summaries[-1].output)
+        for number, path in dropped.items():
+            summaries[number - 1].dropped_output = str(path)
+        gathered = _Gathered(summaries, first.count(cheap_only=True), job.settings, dropped)
         with _ray(self.num_cpus):
             lines = gathered.lines(self._passes(first, config, actors))
             if shards is None:
                 last.write(lines)
             else:
                 write_shards(shards, lines, self.rows_per_shard)
-        gathered.done()
+        gathered.done()  # the dropped rows' files, in place
         elapsed = time.perf_counter() - began
         for summary in summaries:
             summary.elapsed = elapsed
@@ -133,8 +136,11 @@ class _Gathered:
     """The finished rows as they stream back: their text for the output, the figures added
     up into each step's summary, a progress line now and then."""
 
-    def __init__(self, summaries: list[RunSummary], total: int | None, settings: Any) -> None:
+    def __init__(self, summaries: list[RunSummary], total: int | None, settings: Any,
+                 dropped: dict[int, Path]) -> None:
         self.summaries = summaries
+        self.dropped = dropped  # step number: the file its dropped rows go to
+        self.dropped_files: dict[int, Any] = {}
         self.total = total
         self.failed_types: Counter[str] = Counter()
         self.rows = 0
@@ -145,9 +151,12 @@ class _Gathered:
 
     def lines(self, batches: Iterator[dict[str, Any]]) -> Iterator[str]:
         for batch in batches:
-            for text, figures in zip(batch["row"], batch["figures"], strict=True):
-                if figures:
-                    self._add(json.loads(figures))
+            for text, kind in zip(batch["row"], batch["kind"], strict=True):
+                if kind == "figures":
+                    self._add(json.loads(text))
+                    continue
+                if kind:  # dropped:<step>
+                    self._drop(int(str(kind).split(":")[1]), str(text))
                     continue
                 self.rows += 1
                 if '"_error"' in text:
@@ -156,6 +165,15 @@ class _Gathered:
                         self.failed_types[str(error.get("type"))] += 1
                 yield str(text)
             self._tick()
+
+    def _drop(self, step: int, line: str) -> None:
+        out = self.dropped_files.get(step)
+        if out is None:
+            path = self.dropped[step]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            out = self.dropped_files[step] = open(  # noqa: SIM115 - closed in done()
+                path.with_name(f".{path.name}.tmp"), "w", encoding="utf-8")
+        out.write(line + "\n")
 
     def _add(self, figures: list[dict[str, Any]]) -> None:
         for summary, step in zip(self.summaries, figures, strict=False):
@@ -184,6 +202,31 @@ class _Gathered:
     def done(self) -> None:
         for summary in self.summaries:
             summary.failures.sort(key=lambda f: f[0])
+        for step, path in self.dropped.items():
+            out = self.dropped_files.pop(step, None)
+            if out is None:  # nothing dropped: an empty list, as locally
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("", encoding="utf-8")
+                continue
+            out.close()
+            os.replace(out.name, path)
+
+
+def _dropped_files(job: Job, output: str) -> dict[int, Path]:
+    """Where each map step's dropped rows go, by step number: the step's ``dropped_output``,
+    else beside the output as locally (``<output>.dropped.jsonl`` for the last step,
+    ``<output>.<step>.dropped.jsonl`` for one before)."""
+    from capflow import MapStep
+
+    out: dict[int, Path] = {}
+    n = len(job.steps)
+    for number, (name, op) in enumerate(job.steps, 1):
+        if not isinstance(op, MapStep):
+            continue
+        base = output.rstrip("/" + os.sep)
+        default = f"{base}.dropped.jsonl" if number == n else f"{base}.{name}.dropped.jsonl"
+        out[number] = Path(op.dropped_output or default)
+    return out
 
 
 def write_shards(folder: Path, lines: Iterator[str], rows_per_shard: int) -> None:

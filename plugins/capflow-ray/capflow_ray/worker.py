@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from capflow import Operator, Row, RunSummary, Serving, Storage
+from capflow import MapStep, Operator, Row, RunSummary, Serving, Storage
 
 # Figures of a step's summary an actor reports for each batch; the driver adds them up.
 FIGURES = ("rows", "done", "failed", "skipped", "requests", "retries", "prompt_tokens",
@@ -79,8 +79,9 @@ class BatchStorage(Storage):
 
 class CapflowWorker:
     """Runs the pipeline's steps over batches: ``{"row", "error", "error_type"}`` columns in,
-    ``{"row", "figures"}`` out: each finished row's JSON text (``figures`` empty), then one
-    record with an empty ``row`` and, as JSON, the figures of each step over the batch.
+    ``{"row", "kind"}`` out: each finished row's JSON text (``kind`` empty); one record of
+    kind ``figures`` holding, as JSON, the figures of each step over the batch; and each row a
+    map step dropped, of kind ``dropped:<step number>``, for the driver to list.
 
     Token and cost budgets are this actor's share for its whole life, not for each batch: what
     each batch spent is taken off what the next may spend."""
@@ -128,10 +129,14 @@ class CapflowWorker:
                 for i, (text, error, kind) in enumerate(
                     zip(batch["row"], batch["error"], batch["error_type"], strict=True))]
         figures = []
+        dropped: list[tuple[int, str]] = []
         folder = Path(tempfile.mkdtemp(prefix="capflow-ray-"))
         try:
             for number, op in enumerate(self.steps, 1):
                 storage = BatchStorage(rows, self.base_dir, folder, number)
+                drops = folder / f"dropped{number}.jsonl"
+                if isinstance(op, MapStep):  # its dropped rows go back to the driver
+                    op.dropped_output = str(drops)
                 settings = dataclasses.replace(self.settings, stop=self._stop_rules())
                 summary = op.run(storage, settings=settings)
                 tokens = summary.prompt_tokens + summary.completion_tokens
@@ -139,13 +144,17 @@ class CapflowWorker:
                 self.spent_cost += self.settings.stop.cost(summary.prompt_tokens,
                                                            summary.completion_tokens)
                 figures.append(_figures(summary))
+                if drops.exists():
+                    dropped += [(number, line) for line in
+                                drops.read_text(encoding="utf-8").splitlines() if line]
                 rows = [_row(i, line) for i, line in enumerate(storage.lines)]
                 if summary.stopped:
                     break
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         texts = [row.raw or json.dumps(row.data, ensure_ascii=False) for row in rows]
-        return {"row": [*texts, ""], "figures": [""] * len(texts) + [json.dumps(figures)]}
+        return {"row": [*texts, json.dumps(figures), *(line for _, line in dropped)],
+                "kind": [""] * len(texts) + ["figures"] + [f"dropped:{n}" for n, _ in dropped]}
 
 
 def _row(index: int, text: str) -> Row:

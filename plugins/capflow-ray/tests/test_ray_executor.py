@@ -45,25 +45,34 @@ def run_args(server, *extra: str) -> list[str]:  # noqa: ANN001
 @pytest.mark.parametrize("rows, limit", [(400, 16), pytest.param(2000, 64, marks=pytest.mark.slow)])
 def test_same_rows_as_the_local_engine_with_a_global_in_flight_limit(openai_server, capflow_cli,
                                                                     tmp_path, rows, limit):
+    """Caption, then filter (a map step: rows whose caption does not start with 2 dropped)."""
     dataset(tmp_path, rows)
     openai_server.latency = 0.02
-    ray = capflow_cli(*run_args(openai_server, "executor=ray", "executor.num_workers=2",
-                                f"max_workers={limit}", "output=ray.jsonl",
+    pipeline = ("pipeline=caption_filter", "pipeline.steps.keep.pattern='^2'")
+    ray = capflow_cli(*run_args(openai_server, *pipeline, "executor=ray",
+                                "executor.num_workers=2", f"max_workers={limit}",
+                                "output=ray.jsonl",
                                 "cache.path=ray-cache/responses.sqlite"), timeout=600)
     assert ray.returncode == 0, ray.stderr[-3000:]
     peak = openai_server.stats()["max_in_flight"]
     assert peak <= limit
     print(f"{rows} rows, max_workers={limit}: the server saw at most {peak} in flight")
-    local = capflow_cli(*run_args(openai_server, "output=local.jsonl", f"max_workers={limit}",
+    local = capflow_cli(*run_args(openai_server, *pipeline, "output=local.jsonl",
+                                  f"max_workers={limit}",
                                   "cache.path=local-cache/responses.sqlite"))
     assert local.returncode == 0, local.stderr
     ray_rows, local_rows = read(tmp_path / "ray.jsonl"), read(tmp_path / "local.jsonl")
-    assert ray_rows == local_rows  # every field, in input order
+    assert ray_rows == local_rows and ray_rows  # every field, in input order
     for row in ray_rows:  # each caption is about its own image
         assert row["caption"] == describe_image((tmp_path / row["image"]).read_bytes())
-    assert f"{rows} of {rows}: {rows} done, 0 failed" in ray.stdout
+    # The rows the filter dropped are listed as locally.
+    dropped = read(tmp_path / "ray.jsonl.dropped.jsonl")
+    assert dropped == read(tmp_path / "local.jsonl.dropped.jsonl")
+    assert len(dropped) + len(ray_rows) == rows
+    kept = len(ray_rows)
+    assert f"{rows} of {rows}: {kept} kept, {rows - kept} dropped, 0 failed" in ray.stdout
     manifest = json.loads((tmp_path / "ray.jsonl.run.json").read_text())
-    assert manifest["executor"] == "ray" and manifest["summary"]["done"] == rows
+    assert manifest["executor"] == "ray" and manifest["summary"]["done"] == kept
 
 
 def test_a_failed_row_fails_alone_and_a_folder_output_takes_shards(openai_server,
