@@ -89,6 +89,7 @@ class OpenAIBatchServing(OpenAIServing):
         self._api: Any = None
         self._waiting: dict[str, asyncio.Future[Response]] = {}
         self._pending: list[tuple[str, bytes]] = []
+        self._queued: set[str] = set()  # the custom_ids in _pending
         self._pending_bytes = 0
         self._flush_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -187,12 +188,15 @@ class OpenAIBatchServing(OpenAIServing):
         return await asyncio.shield(future)
 
     def _queue(self, custom_id: str, body: dict[str, Any]) -> None:
+        if custom_id in self._queued:  # a batch may not carry one custom_id twice
+            return
         line = json.dumps({"custom_id": custom_id, "method": "POST", "url": ENDPOINT,
                            "body": body}, ensure_ascii=False).encode() + b"\n"
         if self._pending and (len(self._pending) >= self.max_requests_per_batch
                               or self._pending_bytes + len(line) > self.max_bytes_per_batch):
             self._flush()
         self._pending.append((custom_id, line))
+        self._queued.add(custom_id)
         self._pending_bytes += len(line)
         if self._flush_timer is not None:
             self._flush_timer.cancel()
@@ -202,6 +206,7 @@ class OpenAIBatchServing(OpenAIServing):
         if not self._pending:
             return
         lines, self._pending, self._pending_bytes = self._pending, [], 0
+        self._queued.clear()
         self._spawn(self._submit(lines))
 
     def _spawn(self, coro: Any) -> None:
@@ -255,6 +260,9 @@ class OpenAIBatchServing(OpenAIServing):
             try:
                 batch = await self._api.batches.retrieve(remote)
             except Exception as exc:
+                if getattr(exc, "status_code", None) == 404:  # the server has no such batch
+                    self._lost(local, remote)
+                    return
                 log.info("batch %s: cannot look at it (%s); trying again", remote,
                          clean_message(str(exc), 200))
                 await asyncio.sleep(self.poll_interval)
@@ -269,7 +277,25 @@ class OpenAIBatchServing(OpenAIServing):
             if batch.status in FINAL:
                 break
             await asyncio.sleep(self.poll_interval)
-        await self._collect(local, batch)
+        while True:  # the results must be read: a failed download is tried again
+            try:
+                await self._collect(local, batch)
+                return
+            except Exception as exc:
+                log.info("batch %s: cannot read its results (%s); trying again", remote,
+                         clean_message(str(exc), 200))
+                await asyncio.sleep(self.poll_interval)
+
+    def _lost(self, local: str, remote: str) -> None:
+        """A batch the server does not know (deleted, another account): its waiting rows fail
+        and the ledger forgets it, so that a rerun submits those lines anew."""
+        assert self._ledger is not None
+        waiting = [c for c in self._ids_of(local) if c in self._waiting]
+        self._ledger.dropped(local)
+        self._polling.discard(local)
+        self._fail(waiting, ServingError(
+            "BatchLost", f"the server does not know batch {remote}: run the same command again"
+            " to submit its requests anew", transient=False))
 
     async def _collect(self, local: str, batch: Any) -> None:
         assert self._ledger is not None
