@@ -108,12 +108,17 @@ def test_files_over_the_limits_are_split_into_several_batches(server, tmp_path):
 
 def test_wait_false_ends_after_submitting_and_the_next_run_collects(server, tmp_path):
     data, _ = make_dataset(tmp_path, 10)
-    server.batch_latency = 0.5
+    server.batch_latency = 2.0
     out = tmp_path / "out.jsonl"
     first = run_capflow(*batch_args(server, data, out, "serving.wait=false"), cwd=tmp_path)
     assert "run the same command again" in first.stdout + first.stderr
     assert len(server.batches_submitted) == 1
-    time.sleep(0.8)
+    # Again while the batch runs: every row says so at once, nothing is submitted again.
+    still = run_capflow(*batch_args(server, data, out, "serving.wait=false"), cwd=tmp_path,
+                        timeout=30)
+    assert still.returncode == 1 and "BatchSubmitted" in still.stdout
+    assert len(server.batches_submitted) == 1
+    time.sleep(2.2)
     second = run_capflow(*batch_args(server, data, out), cwd=tmp_path)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert len(server.batches_submitted) == 1

@@ -90,6 +90,7 @@ class OpenAIBatchServing(OpenAIServing):
         self._waiting: dict[str, asyncio.Future[Response]] = {}
         self._pending: list[tuple[str, bytes]] = []
         self._queued: set[str] = set()  # the custom_ids in _pending
+        self._not_ready: set[str] = set()  # batches seen running with wait=false
         self._pending_bytes = 0
         self._flush_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -175,17 +176,22 @@ class OpenAIBatchServing(OpenAIServing):
             line = self._ledger.line(custom_id)
             if line is not None and line.state == "done" and line.result:
                 return parse_completion(json.loads(line.result))
+            batch = self._ledger.batch(line.local) if line is not None and line.local and \
+                line.state in ("queued", "submitted") else None
+            if batch is not None and batch.local in self._not_ready:
+                raise self._not_collected(batch.remote or "?")
             future = asyncio.get_running_loop().create_future()
             self._waiting[custom_id] = future
-            if line is not None and line.state in ("queued", "submitted") and line.local:
-                batch = self._ledger.batch(line.local)
-                if batch is not None and batch.remote:
-                    self._follow(line.local, batch.remote)
-                else:
-                    self._queue(custom_id, body)
-            else:
+            if batch is not None and batch.remote and batch.state != "collected":
+                self._follow(batch.local, batch.remote)
+            else:  # not in a batch, or left unanswered by one already read: in a new one
                 self._queue(custom_id, body)
         return await asyncio.shield(future)
+
+    def _not_collected(self, remote: str) -> ServingError:
+        return ServingError("BatchSubmitted", f"in batch {remote}, not collected"
+                            " (serving.wait=false): run the same command again to collect it",
+                            transient=False)
 
     def _queue(self, custom_id: str, body: dict[str, Any]) -> None:
         if custom_id in self._queued:  # a batch may not carry one custom_id twice
@@ -220,7 +226,12 @@ class OpenAIBatchServing(OpenAIServing):
         assert self._ledger is not None
         local = uuid.uuid4().hex
         ids = [custom_id for custom_id, _ in lines]
-        self._ledger.begin(local, ids)  # before anything leaves: a kill now submits nothing
+        try:
+            self._ledger.begin(local, ids)  # before anything leaves: a kill submits nothing
+        except Exception as exc:
+            self._fail(ids, ServingError("BatchLedger", f"cannot record a batch in"
+                                         f" {self.ledger_path}: {exc}", transient=False))
+            return
         try:
             upload = await self._api.files.create(
                 file=(f"capflow-{local}.jsonl", b"".join(line for _, line in lines)),
@@ -242,19 +253,15 @@ class OpenAIBatchServing(OpenAIServing):
         if local in self._polling:
             return
         self._polling.add(local)
-        if not self.wait:
-            waiting = [c for c in self._ids_of(local) if c in self._waiting]
-            self._fail(waiting, ServingError(
-                "BatchSubmitted", f"in batch {remote}, not collected (serving.wait=false): run"
-                " the same command again to collect it", transient=False))
-            return
-        self._spawn(self._poll(local, remote))
+        self._spawn(self._poll(local, remote, once=not self.wait))
 
     def _ids_of(self, local: str) -> list[str]:
         assert self._ledger is not None
         return [line.custom_id for line in self._ledger.lines_of(local)]
 
-    async def _poll(self, local: str, remote: str) -> None:
+    async def _poll(self, local: str, remote: str, once: bool = False) -> None:
+        """Look at the batch until it ends, then collect it; ``once``: collect it if it has
+        ended, else fail its waiting rows as not collected (``wait=false``)."""
         began = time.monotonic()
         while True:
             try:
@@ -276,15 +283,26 @@ class OpenAIBatchServing(OpenAIServing):
                      time.monotonic() - began, deadline)
             if batch.status in FINAL:
                 break
+            if once:
+                self._not_ready.add(local)
+                self._polling.discard(local)
+                waiting = [c for c in self._ids_of(local) if c in self._waiting]
+                self._fail(waiting, self._not_collected(remote))
+                return
             await asyncio.sleep(self.poll_interval)
-        while True:  # the results must be read: a failed download is tried again
+        for attempt in range(10):  # the results must be read: a failed download is tried again
             try:
                 await self._collect(local, batch)
                 return
             except Exception as exc:
                 log.info("batch %s: cannot read its results (%s); trying again", remote,
                          clean_message(str(exc), 200))
-                await asyncio.sleep(self.poll_interval)
+                await asyncio.sleep(self.poll_interval * (attempt + 1))
+        self._polling.discard(local)
+        waiting = [c for c in self._ids_of(local) if c in self._waiting]
+        self._fail(waiting, ServingError("BatchUnreadable", f"the results of batch {remote}"
+                                         " could not be read: run the same command again",
+                                         transient=False))
 
     def _lost(self, local: str, remote: str) -> None:
         """A batch the server does not know (deleted, another account): its waiting rows fail
@@ -329,8 +347,14 @@ class OpenAIBatchServing(OpenAIServing):
                              batch: Any) -> None:
         assert self._ledger is not None
         if attempts < self.max_batch_attempts:
-            body = await self._body_of(batch.input_file_id, custom_id)
+            try:
+                body = await self._body_of(batch.input_file_id, custom_id)
+            except Exception:  # its input file cannot be read back: the row fails below
+                body = None
             if body is not None:
+                # Rows asking for this line from now on wait for its new batch.
+                self._waiting.setdefault(custom_id,
+                                         asyncio.get_running_loop().create_future())
                 self._queue(custom_id, body)
                 return
         self._ledger.failed(custom_id, str(error))
