@@ -66,7 +66,7 @@ def format_summary(s: RunSummary) -> str:
         if s.stopped:
             lines.append(f"  stopped   {clean_message(s.stopped)}")
             lines.append("            rows not finished are left for the next run of this command")
-    failures = sorted(s.failures)[:_SHOWN_FAILURES]
+    failures = sorted(s.failures, key=lambda f: f[0])[:_SHOWN_FAILURES]
     for index, error in failures:
         lines.append(f"  failed    row {index}: {clean_message(error['type'], 40)}:"
                      f" {clean_message(error['message'], 300)}")

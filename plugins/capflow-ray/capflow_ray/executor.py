@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -87,7 +88,11 @@ class RayExecutor(Executor):
         gathered = _Gathered(summaries, first.count(cheap_only=True), job.settings, dropped)
         with _ray(self.num_cpus):
             lines = gathered.lines(self._passes(first, config, actors))
-            if shards is None:
+            if shards is None and last.rows_as != "json":
+                # A storage of dicts may read its rows twice (for its columns first).
+                with _Spooled(lines) as rows:
+                    last.write(rows)
+            elif shards is None:
                 last.write(lines)
             else:
                 write_shards(shards, lines, self.rows_per_shard)
@@ -122,7 +127,8 @@ class RayExecutor(Executor):
             context.enable_progress_bars = False
         rows = first.read()
         while chunk := list(islice(rows, self.rows_per_pass)):
-            items = [{"row": "" if row.error else (row.raw or json.dumps(row.data)),
+            items = [{"index": row.index,
+                      "row": row.raw or json.dumps(row.data, default=str),
                       "error": row.error or "", "error_type": row.error_type}
                      for row in chunk]
             dataset = ray.data.from_items(items).map_batches(
@@ -201,7 +207,7 @@ class _Gathered:
 
     def done(self) -> None:
         for summary in self.summaries:
-            summary.failures.sort(key=lambda f: f[0])
+            summary.failures.sort(key=lambda f: f[0])  # by row: the errors do not compare
         for step, path in self.dropped.items():
             out = self.dropped_files.pop(step, None)
             if out is None:  # nothing dropped: an empty list, as locally
@@ -210,6 +216,26 @@ class _Gathered:
                 continue
             out.close()
             os.replace(out.name, path)
+
+
+class _Spooled:
+    """Finished rows' text spooled to a nameless temporary file, read back as dicts as often as
+    a storage needs."""
+
+    def __init__(self, lines: Iterator[str]) -> None:
+        self.file = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 - __exit__
+        for line in lines:
+            self.file.write(line + "\n")
+
+    def __enter__(self) -> _Spooled:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.file.close()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.file.seek(0)
+        return (json.loads(line) for line in self.file)
 
 
 def _dropped_files(job: Job, output: str) -> dict[int, Path]:

@@ -124,10 +124,11 @@ class CapflowWorker:
             self.last_batch_end = time.monotonic()
 
     def _run(self, batch: dict[str, Any]) -> dict[str, Any]:
-        rows = [Row(i, {}, None, error=str(error), error_type=str(kind)) if error
-                else _row(i, text)
-                for i, (text, error, kind) in enumerate(
-                    zip(batch["row"], batch["error"], batch["error_type"], strict=True))]
+        # Each row keeps its index in the input: failures are reported by it.
+        rows = [Row(int(i), json.loads(text), None, error=str(error), error_type=str(kind))
+                if error else _row(int(i), text)
+                for i, text, error, kind in zip(batch["index"], batch["row"], batch["error"],
+                                                batch["error_type"], strict=True)]
         figures = []
         dropped: list[tuple[int, str]] = []
         folder = Path(tempfile.mkdtemp(prefix="capflow-ray-"))
@@ -147,7 +148,10 @@ class CapflowWorker:
                 if drops.exists():
                     dropped += [(number, line) for line in
                                 drops.read_text(encoding="utf-8").splitlines() if line]
-                rows = [_row(i, line) for i, line in enumerate(storage.lines)]
+                indices = [row.index for row in rows]
+                if len(storage.lines) != len(indices):  # a map step dropped some: renumber
+                    indices = list(range(len(storage.lines)))
+                rows = [_row(i, line) for i, line in zip(indices, storage.lines, strict=True)]
                 if summary.stopped:
                     break
         finally:

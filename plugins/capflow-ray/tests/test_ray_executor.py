@@ -79,18 +79,20 @@ def test_a_failed_row_fails_alone_and_a_folder_output_takes_shards(openai_server
                                                                     capflow_cli, tmp_path):
     dataset(tmp_path, 25)
     (tmp_path / "img" / "7.png").unlink()
+    (tmp_path / "img" / "11.png").unlink()  # the same place in its batch of 4 as row 7
     result = capflow_cli(*run_args(openai_server, "executor=ray", "executor.num_workers=2",
                                    "executor.batch_rows=4", "executor.rows_per_shard=10",
                                    "output=shards/"), timeout=300)
     assert result.returncode == 1, result.stderr[-3000:]  # a row failed, as locally
-    assert "25 of 25: 24 done, 1 failed" in result.stdout
+    assert "25 of 25: 23 done, 2 failed" in result.stdout
+    assert "failed    row 7: ImageNotFound" in result.stdout  # named by their input index
     parts = sorted((tmp_path / "shards").glob("part-*.jsonl"))
     assert [p.name for p in parts] == ["part-00000.jsonl", "part-00001.jsonl",
                                        "part-00002.jsonl"]
     rows = [r for p in parts for r in read(p)]
     assert [r["id"] for r in rows] == [f"{i:05d}" for i in range(25)]
-    assert rows[7]["_error"]["type"] == "ImageNotFound"
-    assert all(r["caption"] for i, r in enumerate(rows) if i != 7)
+    assert rows[7]["_error"]["type"] == rows[11]["_error"]["type"] == "ImageNotFound"
+    assert all(r["caption"] for i, r in enumerate(rows) if i not in (7, 11))
     assert (tmp_path / "shards" / "capflow.run.json").is_file()
 
 
