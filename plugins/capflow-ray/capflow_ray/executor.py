@@ -76,7 +76,7 @@ class RayExecutor(Executor):
         if shards is None:
             check_output_path(last.output_name)
         actors = max(1, min(self.num_workers, int(job.serving.max_workers)))
-        config = share(job.config, actors)
+        config = share(job.config, actors)  # the first pass's: for the figures below
         started = datetime.datetime.now().astimezone()
         began = time.perf_counter()
         summaries = [RunSummary(output=view.output_name) for view in views]
@@ -87,7 +87,7 @@ class RayExecutor(Executor):
             summaries[number - 1].dropped_output = str(path)
         gathered = _Gathered(summaries, first.count(cheap_only=True), job.settings, dropped)
         with _ray(self.num_cpus):
-            lines = gathered.lines(self._passes(first, config, actors))
+            lines = gathered.lines(self._passes(first, job, gathered, actors))
             if shards is None and last.rows_as != "json":
                 # A storage of dicts may read its rows twice (for its columns first).
                 with _Spooled(lines) as rows:
@@ -114,9 +114,10 @@ class RayExecutor(Executor):
         _write_manifest(job, first.input_name, final, started, gathered.failed_types)
         return summaries
 
-    def _passes(self, first: Any, config: dict[str, Any], actors: int
+    def _passes(self, first: Any, job: Job, gathered: _Gathered, actors: int
                 ) -> Iterator[dict[str, Any]]:
-        """The finished batches' records, pass after pass, in input order."""
+        """The finished batches' records, pass after pass, in input order. Each pass's actors
+        share what the passes before left of the token and cost budgets."""
         import ray.data
 
         from capflow_ray.worker import CapflowWorker
@@ -127,6 +128,11 @@ class RayExecutor(Executor):
             context.enable_progress_bars = False
         rows = first.read()
         while chunk := list(islice(rows, self.rows_per_pass)):
+            config = share(_left(job, gathered.summaries), actors)
+            spent = _spent_budget(config)
+            if spent:
+                gathered.summaries[-1].stopped = spent
+                return
             items = [{"index": row.index,
                       "row": row.raw or json.dumps(row.data, default=str),
                       "error": row.error or "", "error_type": row.error_type}
@@ -216,6 +222,26 @@ class _Gathered:
                 continue
             out.close()
             os.replace(out.name, path)
+
+
+def _left(job: Job, summaries: list[RunSummary]) -> dict[str, Any]:
+    """The config with its token and cost budgets less what earlier passes spent."""
+    config = dict(job.config)
+    tokens = sum(s.prompt_tokens + s.completion_tokens for s in summaries)
+    cost = sum(job.settings.stop.cost(s.prompt_tokens, s.completion_tokens) for s in summaries)
+    if config.get("max_tokens_total") is not None:
+        config["max_tokens_total"] = max(0, int(config["max_tokens_total"]) - tokens)
+    if config.get("max_cost") is not None:
+        config["max_cost"] = max(0.0, float(config["max_cost"]) - cost)
+    return config
+
+
+def _spent_budget(config: dict[str, Any]) -> str | None:
+    """Why no further pass may run: a budget already spent."""
+    for key in ("max_tokens_total", "max_cost"):
+        if config.get(key) is not None and config[key] <= 0:
+            return f"{key} reached"
+    return None
 
 
 class _Spooled:
