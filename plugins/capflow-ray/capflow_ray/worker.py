@@ -153,6 +153,8 @@ class CapflowWorker:
                     indices = list(range(len(storage.lines)))
                 rows = [_row(i, line) for i, line in zip(indices, storage.lines, strict=True)]
                 if summary.stopped:
+                    if number < len(self.steps):  # not through every step: not finished
+                        rows = []
                     break
         finally:
             shutil.rmtree(folder, ignore_errors=True)
