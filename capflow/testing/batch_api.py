@@ -25,8 +25,7 @@ from aiohttp import web
 
 from capflow.testing.api_errors import ApiError
 from capflow.testing.chat_reply import answer_text, completion
-from capflow.testing.chat_request import RecordedRequest, parse_messages, read_body, read_chat
-from capflow.testing.image_descriptions import describe_url
+from capflow.testing.chat_request import RecordedRequest, read_body
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 FILE_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
@@ -58,6 +57,10 @@ class BatchHost(Protocol):
     batch_expire_after: int
     expire_next: int
     fail_next: int
+
+    async def read_chat_body(self, body: Any, rec: RecordedRequest) -> str:
+        """Read a chat body into ``rec`` as the live endpoint does; returns the model."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -491,14 +494,7 @@ class BatchApi:
         live faults or outage: those are the live endpoint's)."""
         rec = RecordedRequest()
         try:
-            model, messages = read_chat(body, rec)
-            if self._host.models is not None and model not in self._host.models:
-                raise ApiError(404, f"The model `{model}` does not exist", "model_not_found")
-            urls = parse_messages(messages, rec)
-            try:
-                rec.images = [await describe_url(u) for u in urls]
-            except ValueError:
-                raise ApiError(400, "Invalid image") from None
+            model = await self._host.read_chat_body(body, rec)
         except ApiError as err:
             return err.status, _error_body(err.status, err.message, err.code)
         return 200, completion(model, rec, answer_text(rec), self._next_completion_id())

@@ -237,13 +237,11 @@ class FakeOpenAIServer(BackgroundServer):
         finally:
             self._log.finished(rec)
 
-    async def _answer(self, request: web.Request, rec: RecordedRequest) -> web.StreamResponse:
-        await self._take_time()
-        if self.failure is not None:
-            raise ApiError(self.failure[0], self.failure[1], None)
-        self._check_auth(request)
-        self._check_rate(rec.received_at)
-        model, messages = read_chat(await read_body(request), rec)
+    async def read_chat_body(self, body: Any, rec: RecordedRequest) -> str:
+        """Read a chat-completions body into ``rec`` (its messages and the description of each
+        image), as a live request and a batch line are both read; returns the model.
+        ``ApiError`` when the body cannot be answered."""
+        model, messages = read_chat(body, rec)
         if self.models is not None and model not in self.models:
             raise ApiError(404, f"The model `{model}` does not exist", "model_not_found")
         urls = parse_messages(messages, rec)
@@ -251,6 +249,15 @@ class FakeOpenAIServer(BackgroundServer):
             rec.images = [await describe_url(u) for u in urls]
         except ValueError:
             raise ApiError(400, "Invalid image") from None
+        return model
+
+    async def _answer(self, request: web.Request, rec: RecordedRequest) -> web.StreamResponse:
+        await self._take_time()
+        if self.failure is not None:
+            raise ApiError(self.failure[0], self.failure[1], None)
+        self._check_auth(request)
+        self._check_rate(rec.received_at)
+        model = await self.read_chat_body(await read_body(request), rec)
 
         rec.fault = self.faults.draw()
         injected = await apply_fault(rec.fault, self.faults.config, request)
